@@ -1,0 +1,58 @@
+"""Curvature backends, by the name users pass as ``AlphaProbe(curvature=...)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alphawrap.curvature.base import Curvature, EvaluationContext
+from alphawrap.curvature.blockdiag import (
+    BlockDiagonalCurvature,
+    BlockGGN,
+    BlockHessian,
+    PCHAbs,
+    PCHClip,
+)
+
+REGISTRY: dict[str, type[Curvature]] = {
+    cls.name: cls for cls in (BlockHessian, BlockGGN, PCHClip, PCHAbs)
+}
+"""All curvature backends by name, in the order the README lists them."""
+
+
+def available() -> list[str]:
+    """Names of all curvatures."""
+    return list(REGISTRY)
+
+
+def resolve(curvature: str | Sequence[str]) -> list[Curvature]:
+    """Turn a name or a sequence of names into backend instances.
+
+    Raises:
+        ValueError: For an unknown, duplicate or empty selection; the message
+            lists the valid names.
+    """
+    names = [curvature] if isinstance(curvature, str) else list(curvature)
+    if not names:
+        raise ValueError(f"curvature must name at least one of {available()}.")
+    for name in names:
+        if not isinstance(name, str) or name not in REGISTRY:
+            raise ValueError(
+                f"Unknown curvature {name!r}. Valid choices: {', '.join(available())}."
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"curvature lists a name twice: {names}.")
+    return [REGISTRY[name]() for name in names]
+
+
+__all__ = [
+    "REGISTRY",
+    "BlockDiagonalCurvature",
+    "BlockGGN",
+    "BlockHessian",
+    "Curvature",
+    "EvaluationContext",
+    "PCHAbs",
+    "PCHClip",
+    "available",
+    "resolve",
+]

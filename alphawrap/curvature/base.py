@@ -1,0 +1,73 @@
+"""Template base class of the curvature backends.
+
+A backend turns the directions ``d`` (one tensor per parameter, evaluated at
+``θ₀``) into the quadratic form ``dᵀCd``. Block backends return one value per
+parameter (the block quadratics ``d_bᵀ C_bb d_b``, summed for the total);
+the others return a scalar.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class EvaluationContext:
+    """What a curvature backend gets to evaluate ``dᵀCd`` at ``θ₀``.
+
+    Attributes:
+        params: All parameters of the optimizer's groups, holding ``θ₀``.
+        directions: The inner optimizer's update ``d`` for each parameter.
+        reached: Indices of the parameters the closure's backward reached.
+        names: A display name for each parameter.
+        accumulate_dtype: dtype in which quadratic forms are accumulated.
+    """
+
+    params: Sequence[Tensor]
+    directions: Sequence[Tensor]
+    reached: set[int]
+    names: Sequence[str]
+    accumulate_dtype: torch.dtype
+
+
+class Curvature(ABC):
+    """A curvature matrix ``C`` along which ``α* = -dᵀg / dᵀCd`` is evaluated.
+
+    Subclasses set :attr:`name` and implement :meth:`quadratic`; those that need
+    quantities from the closure's backward pass list the BackPACK extensions in
+    :meth:`backpack_extensions`.
+    """
+
+    name: ClassVar[str]
+    """The name users pass as ``curvature=``."""
+    description: ClassVar[str]
+    """One line for error messages and the README."""
+    blockwise: ClassVar[bool] = False
+    """Whether :meth:`quadratic` returns one value per parameter block."""
+
+    def backpack_extensions(self) -> list[Any]:
+        """BackPACK extensions to activate during the closure's backward pass."""
+        return []
+
+    def check_backward(self, ctx: EvaluationContext) -> None:  # noqa: B027
+        """Fail early, right after the backward pass, if evaluation cannot work.
+
+        Raises:
+            CurvatureError: With a message that says what to do.
+        """
+
+    @abstractmethod
+    def quadratic(self, ctx: EvaluationContext) -> Tensor:
+        """Return ``dᵀCd``: shape ``[len(params)]`` if :attr:`blockwise`, else ``[]``."""
+
+    def cleanup(self, params: Sequence[Tensor]) -> None:  # noqa: B027
+        """Drop what the backward pass stored (called before and after a step)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

@@ -1,0 +1,223 @@
+r"""Block-diagonal curvature from BackPACK's matrix-free products.
+
+BackPACK's ``HMP``, ``GGNMP`` and ``PCHMP`` extensions attach to every parameter
+a closure that multiplies with that parameter's diagonal block of the Hessian,
+the generalized Gauss-Newton or the positive-curvature Hessian. The block
+quadratics :math:`d_b^\top C_{bb} d_b` are summed over the blocks; the
+cross-block terms of :math:`C` are dropped by construction.
+
+BackPACK's closures read live module state (weights, stored inputs and outputs),
+so the probe calls :meth:`BlockDiagonalCurvature.quadratic` with the parameters
+swapped back to :math:`\theta_0` and under ``torch.no_grad()``.
+
+The positive-curvature Hessian of BackPACK 1.7.1 is wrong for ``Sigmoid`` and
+``Tanh``: its residual is :math:`f''(x)\,\delta^2` where the definition (and
+BackPACK's own ``HMP``) uses :math:`f''(x)\,\delta`, with :math:`\delta` the
+gradient w.r.t. the activation's output. :class:`PositiveCurvatureHessian`
+replaces those two module extensions with corrected ones; the test suite checks
+both against a dense reference built from the definition.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from backpack.extensions import GGNMP, HMP, PCHMP
+from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.curvmatprod.pchmp.activations import (
+    PCHMPSigmoid,
+    PCHMPTanh,
+)
+from torch import Tensor, nn
+
+from alphawrap.curvature.base import Curvature, EvaluationContext
+from alphawrap.errors import CurvatureError
+
+
+class _ResidualFix:
+    """Mixin: PCH residual ``modify(f''(x) δ)`` instead of BackPACK's ``f'' δ²``."""
+
+    derivatives: Any
+    modifications: dict[str, Any]
+
+    def modified_residual_mat_prod(
+        self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, mat: Tensor, modify: str
+    ) -> Tensor:
+        residual = self.derivatives.hessian_diagonal(module, g_inp, g_out)
+        residual = self.modifications[modify](residual)
+        return torch.einsum("...,v...->v...", residual, mat)
+
+
+class _FixedPCHMPSigmoid(_ResidualFix, PCHMPSigmoid):
+    pass
+
+
+class _FixedPCHMPTanh(_ResidualFix, PCHMPTanh):
+    pass
+
+
+def supported_modules(extension: BackpropExtension) -> list[str]:
+    """Names of the module classes a BackPACK extension handles."""
+    mapping = getattr(extension, "_BackpropExtension__module_extensions", {})
+    return sorted(cls.__name__ for cls in mapping)
+
+
+class BlockDiagonalCurvature(Curvature):
+    """Template: block quadratics from a BackPACK ``*MP`` extension.
+
+    Subclasses implement :meth:`make_extension` and set :attr:`savefield`.
+    """
+
+    blockwise = True
+    savefield: ClassVar[str]
+
+    def make_extension(self) -> BackpropExtension:
+        """Return a fresh BackPACK extension saving to :attr:`savefield`."""
+        raise NotImplementedError
+
+    def backpack_extensions(self) -> list[Any]:
+        return [self.make_extension()]
+
+    def check_backward(self, ctx: EvaluationContext) -> None:
+        missing = [
+            ctx.names[i]
+            for i in sorted(ctx.reached)
+            if not hasattr(ctx.params[i], self.savefield)
+        ]
+        if missing:
+            raise CurvatureError(
+                f"Curvature {self.name!r} ({self.description}) got no BackPACK "
+                f"quantity for parameter(s) {', '.join(missing)}, although the "
+                "backward pass reached them. Either the model is not extended "
+                "(use `model = backpack.extend(model)` before creating the "
+                "optimizer) or these parameters are used outside a module BackPACK "
+                "sees (functional calls, parameters of a custom module). Supported "
+                f"modules: {', '.join(supported_modules(self.make_extension()))}."
+            )
+
+    def quadratic(self, ctx: EvaluationContext) -> Tensor:
+        acc = ctx.accumulate_dtype
+        values = []
+        for i, (p, d) in enumerate(zip(ctx.params, ctx.directions)):
+            if i not in ctx.reached:
+                # The loss does not depend on this block: its curvature is zero.
+                values.append(torch.zeros((), dtype=acc, device=d.device))
+                continue
+            product = getattr(p, self.savefield)(d.unsqueeze(0))[0]
+            values.append(torch.sum(product.to(acc) * d.to(acc)))
+        return torch.stack(values)
+
+    def cleanup(self, params: Sequence[Tensor]) -> None:
+        for p in params:
+            if hasattr(p, self.savefield):
+                delattr(p, self.savefield)
+
+
+class BlockHessian(BlockDiagonalCurvature):
+    """Block-diagonal Hessian (BackPACK ``HMP``)."""
+
+    name = "hessian"
+    description = "block-diagonal Hessian, BackPACK HMP"
+    savefield = "_alphawrap_hmp"
+
+    def make_extension(self) -> BackpropExtension:
+        return HMP(savefield=self.savefield)
+
+
+class BlockGGN(BlockDiagonalCurvature):
+    """Block-diagonal generalized Gauss-Newton (BackPACK ``GGNMP``)."""
+
+    name = "ggn"
+    description = "block-diagonal generalized Gauss-Newton, BackPACK GGNMP"
+    savefield = "_alphawrap_ggnmp"
+
+    def make_extension(self) -> BackpropExtension:
+        return GGNMP(savefield=self.savefield)
+
+
+class _PositiveCurvatureHessian(BlockDiagonalCurvature):
+    """Block-diagonal positive-curvature Hessian (BackPACK ``PCHMP``, fixed)."""
+
+    modify: ClassVar[str]
+
+    def make_extension(self) -> BackpropExtension:
+        ext = PCHMP(savefield=self.savefield, modify=self.modify)
+        ext.set_module_extension(nn.Sigmoid, _FixedPCHMPSigmoid(), overwrite=True)
+        ext.set_module_extension(nn.Tanh, _FixedPCHMPTanh(), overwrite=True)
+        return ext
+
+
+class PCHClip(_PositiveCurvatureHessian):
+    """Positive-curvature Hessian, negative residuals clipped to zero."""
+
+    name = "pch-clip"
+    description = "block-diagonal positive-curvature Hessian (clip), BackPACK PCHMP"
+    savefield = "_alphawrap_pchmp_clip"
+    modify = "clip"
+
+
+class PCHAbs(_PositiveCurvatureHessian):
+    """Positive-curvature Hessian, residuals replaced by their absolute value."""
+
+    name = "pch-abs"
+    description = "block-diagonal positive-curvature Hessian (abs), BackPACK PCHMP"
+    savefield = "_alphawrap_pchmp_abs"
+    modify = "abs"
+
+
+_NO_EXTENSION = re.compile(r"does not have an extension for Module <class '([\w.]+)'>")
+_NO_BACKPROPED = "expects a backpropagation quantity but it is None"
+
+
+def translate_backpack_error(
+    error: BaseException, curvatures: Sequence[Curvature], alternatives: Sequence[str]
+) -> CurvatureError | None:
+    """Turn BackPACK's errors from inside backward into an actionable message.
+
+    Args:
+        error: What the closure's backward pass raised.
+        curvatures: The block curvatures that were active.
+        alternatives: Curvature names that do not need BackPACK's module support.
+
+    Returns:
+        A :class:`CurvatureError`, or ``None`` if ``error`` is not BackPACK's.
+    """
+    block = [c for c in curvatures if isinstance(c, BlockDiagonalCurvature)]
+    if not block:
+        return None
+    names = ", ".join(repr(c.name) for c in block)
+    other = (
+        f" Curvatures that do not need BackPACK support: {', '.join(map(repr, alternatives))}."
+        if alternatives
+        else ""
+    )
+    text = str(error)
+    match = _NO_EXTENSION.search(text)
+    if isinstance(error, NotImplementedError) and match:
+        module = match.group(1).rsplit(".", 1)[-1]
+        failing = [c for c in block if c.savefield in text or c.savefield.lstrip("_") in text]
+        culprit = failing[0] if failing else block[0]
+        return CurvatureError(
+            f"Curvature {culprit.name!r} ({culprit.description}) cannot handle "
+            f"module {module}. Supported modules: "
+            f"{', '.join(supported_modules(culprit.make_extension()))}.{other}"
+        )
+    if _NO_BACKPROPED in text:
+        return CurvatureError(
+            f"BackPACK got no curvature from the loss for {names}: the loss function "
+            "is not extended or is computed functionally. Use a loss module "
+            "extended with BackPACK, e.g. `loss_fn = backpack.extend("
+            "torch.nn.CrossEntropyLoss())` (MSELoss and CrossEntropyLoss are "
+            f"supported), and make it the last operation of the closure.{other}"
+        )
+    if isinstance(error, NotImplementedError) and (
+        "ignore_index" in text or "weight" in text
+    ):
+        return CurvatureError(
+            f"BackPACK cannot compute {names} for this loss: {text}. Use "
+            f"CrossEntropyLoss without class weights or ignore_index.{other}"
+        )
+    return None

@@ -1,0 +1,146 @@
+"""The inner optimizer's would-be update, and undoing a step that failed.
+
+The probe obtains the update ``d`` by letting the inner optimizer take its real
+step and measuring ``d = θ₁ - θ₀``. This works for any optimizer that follows the
+``torch.optim`` contract (it only needs ``step()``), and in observe mode leaves
+parameters and optimizer state bitwise identical to the unwrapped optimizer by
+construction. Curvature must be evaluated at ``θ₀``: :class:`StepTransaction`
+swaps the parameters' storage between ``θ₀`` and ``θ₁`` without copying, and can
+roll the whole step back (parameters and inner state) if anything fails.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+class GradBackup:
+    """Hold the gradients as they were before a closure runs, to restore them.
+
+    Gradients that exist are cloned (a closure may zero or accumulate into them in
+    place); ``None`` gradients are remembered as ``None``.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._params = params
+        self._grads = [None if p.grad is None else p.grad.clone() for p in params]
+
+    def restore(self) -> None:
+        """Put the backed-up gradients back."""
+        for p, g in zip(self._params, self._grads):
+            p.grad = g
+
+
+class BackwardMonitor:
+    """Record which parameters a backward pass accumulated a gradient into.
+
+    Uses ``Tensor.register_post_accumulate_grad_hook``; the hooks are removed on
+    exit. Use as a context manager around a closure.
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self._params = params
+        self.reached: set[int] = set()
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> BackwardMonitor:
+        for i, p in enumerate(self._params):
+            if p.requires_grad:
+                self._handles.append(
+                    p.register_post_accumulate_grad_hook(
+                        lambda _p, i=i: self.reached.add(i)
+                    )
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+        for k, v in state.items()
+    }
+
+
+class StepTransaction:
+    """Snapshot of ``θ₀`` and of the inner optimizer, taken before its step.
+
+    After :meth:`take_inner_step`, :attr:`directions` holds ``d = θ₁ - θ₀`` and the
+    parameters hold ``θ₁``. :meth:`at_theta0` temporarily swaps ``θ₀`` in (no
+    copy), :meth:`commit_scaled` writes ``θ₀ + α d``, :meth:`rollback` restores
+    parameters and inner state exactly as they were before the step.
+
+    Args:
+        optimizer: The inner optimizer.
+        params: All parameters of its groups, in order.
+    """
+
+    def __init__(self, optimizer: Optimizer, params: Sequence[Tensor]) -> None:
+        self._optimizer = optimizer
+        self.params = params
+        with torch.no_grad():
+            self.theta0 = [p.detach().clone() for p in params]
+        self._had_state = [p in optimizer.state for p in params]
+        self._state = [
+            _clone_state(optimizer.state[p]) if had else None
+            for p, had in zip(params, self._had_state)
+        ]
+        self._group_settings = [
+            {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            for g in optimizer.param_groups
+        ]
+        self.directions: list[Tensor] = []
+        self._swapped = False
+
+    def take_inner_step(self) -> None:
+        """Run the inner optimizer's step and measure ``d = θ₁ - θ₀``."""
+        self._optimizer.step()
+        with torch.no_grad():
+            self.directions = torch._foreach_sub(
+                [p.detach() for p in self.params], self.theta0
+            )
+
+    def swap(self) -> None:
+        """Exchange the parameters' storage with the ``θ₀`` snapshot (no copy)."""
+        for p, t0 in zip(self.params, self.theta0):
+            p.data, t0.data = t0.data, p.data
+        self._swapped = not self._swapped
+
+    def commit_inner(self) -> None:
+        """Keep the inner step: parameters hold ``θ₁``."""
+        if self._swapped:
+            self.swap()
+
+    def commit_scaled(self, alpha: float) -> None:
+        """Set the parameters to ``θ₀ + α d`` (in their own storage)."""
+        if self._swapped:
+            self.swap()
+        with torch.no_grad():
+            for p, t0, d in zip(self.params, self.theta0, self.directions):
+                torch.add(t0, d, alpha=alpha, out=p.data)
+
+    def rollback(self) -> None:
+        """Restore parameters and inner optimizer state as before the step."""
+        if self._swapped:
+            self.swap()
+        with torch.no_grad():
+            for p, t0 in zip(self.params, self.theta0):
+                p.data.copy_(t0)
+        state = self._optimizer.state
+        for p, had, saved in zip(self.params, self._had_state, self._state):
+            if had:
+                state[p] = saved
+            else:
+                state.pop(p, None)
+        for g, saved in zip(self._optimizer.param_groups, self._group_settings):
+            g.update(saved)
