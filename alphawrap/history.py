@@ -110,7 +110,9 @@ class History(Sequence[ProbeRecord]):
         self, records: Iterable[ProbeRecord] = (), maxlen: int | None = None
     ) -> None:
         if maxlen is not None and (not isinstance(maxlen, int) or maxlen < 1):
-            raise ValueError(f"history maxlen must be a positive int or None, got {maxlen!r}.")
+            raise ValueError(
+                f"history maxlen must be a positive int or None, got {maxlen!r}."
+            )
         self._records: deque[ProbeRecord] = deque(records, maxlen=maxlen)
         self.dropped = 0
 
@@ -165,7 +167,11 @@ class History(Sequence[ProbeRecord]):
 
     def state_dict(self) -> dict[str, Any]:
         """Serialisable state (safe for ``torch.load(weights_only=True)``)."""
-        return {"records": self.to_dicts(), "maxlen": self.maxlen, "dropped": self.dropped}
+        return {
+            "records": self.to_dicts(),
+            "maxlen": self.maxlen,
+            "dropped": self.dropped,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> History:

@@ -33,7 +33,7 @@ from alphawrap import curvature as curvature_registry
 from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
 from alphawrap.direction import BackwardMonitor, GradBackup, StepTransaction
-from alphawrap.errors import ClosureError, CurvatureError, ProbeError
+from alphawrap.errors import ClosureError, ProbeError
 from alphawrap.history import History, ProbeRecord
 from alphawrap.quadratic import Status, clip_to_bounds, optimal_step
 
@@ -66,9 +66,13 @@ def _validate_fallback(fallback: str | float) -> str | float:
             )
         return fallback
     if isinstance(fallback, bool) or not isinstance(fallback, (int, float)):
-        raise TypeError(f"fallback must be one of {FALLBACKS} or a float, got {fallback!r}.")
+        raise TypeError(
+            f"fallback must be one of {FALLBACKS} or a float, got {fallback!r}."
+        )
     if not math.isfinite(fallback) or fallback < 0:
-        raise ValueError(f"Invalid fallback multiplier {fallback}: need a finite value >= 0.")
+        raise ValueError(
+            f"Invalid fallback multiplier {fallback}: need a finite value >= 0."
+        )
     return float(fallback)
 
 
@@ -136,9 +140,11 @@ class _ClosureSession:
         self.backup = GradBackup(self.params)
         self.probe._cleanup(self.params)
         self.monitor = BackwardMonitor(self.params).__enter__()
-        extensions = [
-            ext for c in self.probe._curvatures for ext in c.backpack_extensions()
-        ] if self.probing else []
+        extensions = (
+            [ext for c in self.probe._curvatures for ext in c.backpack_extensions()]
+            if self.probing
+            else []
+        )
         self._backpack = backpack(*extensions)
         self._backpack.__enter__()
         return self
@@ -501,7 +507,9 @@ class AlphaProbe(Optimizer):
             result = None
         else:
             if not callable(closure):
-                raise TypeError(f"closure must be callable, got {type(closure).__name__}.")
+                raise TypeError(
+                    f"closure must be callable, got {type(closure).__name__}."
+                )
             self._pending = None
             session = self._closure_session().__enter__()
             try:

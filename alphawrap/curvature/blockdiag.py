@@ -44,7 +44,13 @@ class _ResidualFix:
     modifications: dict[str, Any]
 
     def modified_residual_mat_prod(
-        self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, mat: Tensor, modify: str
+        self,
+        ext: Any,
+        module: nn.Module,
+        g_inp: Any,
+        g_out: Any,
+        mat: Tensor,
+        modify: str,
     ) -> Tensor:
         residual = self.derivatives.hessian_diagonal(module, g_inp, g_out)
         residual = self.modifications[modify](residual)
@@ -198,7 +204,9 @@ def translate_backpack_error(
     match = _NO_EXTENSION.search(text)
     if isinstance(error, NotImplementedError) and match:
         module = match.group(1).rsplit(".", 1)[-1]
-        failing = [c for c in block if c.savefield in text or c.savefield.lstrip("_") in text]
+        failing = [
+            c for c in block if c.savefield in text or c.savefield.lstrip("_") in text
+        ]
         culprit = failing[0] if failing else block[0]
         return CurvatureError(
             f"Curvature {culprit.name!r} ({culprit.description}) cannot handle "
