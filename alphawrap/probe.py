@@ -511,6 +511,14 @@ class AlphaProbe(Optimizer):
                     f"closure must be callable, got {type(closure).__name__}."
                 )
             self._pending = None
+            if not self._will_probe():
+                # Between probes (interval > 1) the probe is the inner optimizer:
+                # no BackPACK, no snapshots, no record.
+                with torch.enable_grad():
+                    result = closure()
+                self.inner.step()
+                self._step_count += 1
+                return result
             session = self._closure_session().__enter__()
             try:
                 result = closure()

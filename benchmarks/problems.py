@@ -1,0 +1,54 @@
+"""The benchmark problems of the background note, as data (digits-sized inputs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from backpack import extend
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class BenchProblem:
+    name: str
+    build: Callable[[], nn.Module]
+    image: bool = False
+
+    def make(self, batch: int = 128, seed: int = 0):
+        torch.manual_seed(seed)
+        model = extend(self.build())
+        loss_fn = extend(nn.CrossEntropyLoss())
+        shape = (batch, 1, 8, 8) if self.image else (batch, 64)
+        x: Tensor = torch.randn(*shape)
+        y: Tensor = torch.randint(0, 10, (batch,))
+        return model, loss_fn, x, y
+
+
+def relu_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Linear(128, 10))
+
+
+def tanh_mlp(depth: int = 9, width: int = 64) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(64, width), nn.Tanh()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+PROBLEMS = [
+    BenchProblem("relu-mlp", relu_mlp),
+    BenchProblem("tanh-mlp-9", tanh_mlp),
+    BenchProblem("cnn", small_cnn, image=True),
+]
