@@ -33,6 +33,7 @@ from alphawrap import curvature as curvature_registry
 from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
 from alphawrap.direction import BackwardMonitor, GradBackup, StepTransaction
+from alphawrap.distributed import DistributedReducer
 from alphawrap.errors import ClosureError, ProbeError
 from alphawrap.history import History, ProbeRecord
 from alphawrap.quadratic import Status, clip_to_bounds, optimal_step
@@ -182,7 +183,9 @@ class _ClosureSession:
         if exc is not None:
             raise self.fail(exc)
         try:
-            loss_tensor = self.probe._check_loss(loss, require_loss)
+            loss_tensor = self.probe._check_loss(
+                loss, require_loss, backward_ran=bool(self.monitor.reached)
+            )
             if not self.monitor.reached:
                 raise ClosureError(
                     "The closure did not call backward(): no parameter received a "
@@ -200,6 +203,11 @@ class _ClosureSession:
                 for c in self.probe._curvatures:
                     c.check_backward(ctx)
         except BaseException as error:
+            if self.probing and self.monitor.reached:
+                # Backward ran (and DDP's gradient all_reduce with it): the other
+                # processes are heading for the probe's collective; tell them.
+                self.probe._distributed.start_step()
+                self.probe._distributed.abort(error)
             raise self.fail(error) from None
         return _Pending(loss_tensor, set(self.monitor.reached), self.backup)
 
@@ -239,6 +247,13 @@ class AlphaProbe(Optimizer):
         history_size: Keep at most this many records (``None``: all).
         model: Optional model whose ``named_parameters()`` name the parameters in
             error messages.
+        distributed: Under ``torch.distributed`` (DDP), combine the per-process
+            loss and curvature with one ``all_reduce`` per probed step so every
+            process gets the same ``α*`` (see :mod:`alphawrap.distributed`).
+            ``None`` (default): whenever a process group with more than one
+            process is initialised; ``False``: never; ``True``: require it; or a
+            :class:`~alphawrap.distributed.DistributedReducer` for more options.
+        process_group: The process group to reduce over (``None``: the default).
 
     Example:
         >>> import torch
@@ -269,6 +284,8 @@ class AlphaProbe(Optimizer):
         interval: int = 1,
         history_size: int | None = None,
         model: nn.Module | None = None,
+        distributed: bool | DistributedReducer | None = None,
+        process_group: Any = None,
     ) -> None:
         _check_inner(optimizer)
         self._curvatures: list[Curvature] = curvature_registry.resolve(curvature)
@@ -284,6 +301,7 @@ class AlphaProbe(Optimizer):
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"Invalid interval {interval!r}: need an int >= 1.")
         self.interval = interval
+        self._distributed = DistributedReducer.from_option(distributed, process_group)
         self.history = History(maxlen=history_size)
         self._param_names: dict[int, str] = (
             {id(p): n for n, p in model.named_parameters()} if model is not None else {}
@@ -332,6 +350,11 @@ class AlphaProbe(Optimizer):
     def curvatures(self) -> tuple[str, ...]:
         """Names of the requested curvatures; the first is the primary one."""
         return tuple(c.name for c in self._curvatures)
+
+    @property
+    def distributed(self) -> DistributedReducer:
+        """How the probe combines its numbers across processes (DDP)."""
+        return self._distributed
 
     @property
     def step_count(self) -> int:
@@ -534,6 +557,7 @@ class AlphaProbe(Optimizer):
         return result
 
     def _probe_step(self, pending: _Pending) -> None:
+        self._distributed.start_step()
         params = self._params()
         transaction = StepTransaction(self.inner, params)
         try:
@@ -551,6 +575,7 @@ class AlphaProbe(Optimizer):
             self.history.append(record)
             self._step_count += 1
         except BaseException as error:
+            self._distributed.abort(error)  # other processes must not wait for us
             transaction.rollback()
             pending.backup.restore()
             translated = (
@@ -606,7 +631,11 @@ class AlphaProbe(Optimizer):
             if pending.loss is not None
             else torch.full((), math.nan, dtype=acc, device=device)
         )
-        return torch.stack([loss, slope, dd, gg, *curv]).tolist()
+        packed = torch.stack([loss, slope, dd, gg, *curv])
+        # Under torch.distributed: one all_reduce that averages the local entries
+        # (loss, curvature) and takes dᵀg, ‖d‖², ‖g‖² (already global) from rank 0.
+        packed = self._distributed.reduce(packed, shared=(1, 2, 3))
+        return self._distributed.unpack(packed.tolist())
 
     def _decide(
         self, numbers: list[float], pending: _Pending
@@ -701,12 +730,10 @@ class AlphaProbe(Optimizer):
         return dtype
 
     def _alternatives(self) -> list[str]:
-        from alphawrap.curvature.blockdiag import BlockDiagonalCurvature
-
         return [
             name
             for name, cls in curvature_registry.REGISTRY.items()
-            if not issubclass(cls, BlockDiagonalCurvature)
+            if not cls.needs_backpack_modules
         ]
 
     def _cleanup(self, params: Sequence[Tensor]) -> None:
@@ -732,7 +759,9 @@ class AlphaProbe(Optimizer):
                 "optimizer."
             )
 
-    def _check_loss(self, loss: Any, require: bool) -> Tensor | None:
+    def _check_loss(
+        self, loss: Any, require: bool, backward_ran: bool = False
+    ) -> Tensor | None:
         if loss is None:
             if require:
                 raise ClosureError(
@@ -750,7 +779,9 @@ class AlphaProbe(Optimizer):
                 f"The closure returned a tensor of shape {tuple(loss.shape)}; it must "
                 "return the scalar loss (reduce it with .mean() or .sum())."
             )
-        if not loss.requires_grad:
+        # A detached copy is fine once backward ran (PyTorch Lightning's closure
+        # returns loss.detach()); without backward it signals a no_grad mistake.
+        if not loss.requires_grad and not backward_ran:
             raise ClosureError(
                 "The closure returned a loss that does not require grad (detached or "
                 "computed under torch.no_grad()); return the loss you called "

@@ -5,7 +5,8 @@ import torch
 from backpack import backpack
 
 from alphawrap import AlphaProbe
-from alphawrap.curvature import EvaluationContext, resolve
+from alphawrap.curvature import EvaluationContext
+from alphawrap.curvature.blockdiag import BlockGGN, BlockHessian, PCHAbs, PCHClip
 from alphawrap.reference import (
     block_ggn_quadratics,
     block_hessian_quadratics,
@@ -14,11 +15,15 @@ from alphawrap.reference import (
 from tests.cases import PROBLEM_IDS, PROBLEMS
 
 RESIDUAL = {"hessian": "keep", "ggn": "drop", "pch-clip": "clip", "pch-abs": "abs"}
+# The straightforward path (BackPACK's closures, summed per block): the reference
+# the fast tangent sweep is compared with in tests/test_sweep.py.
+BACKPACK_PATH = {"hessian": BlockHessian, "ggn": BlockGGN, "pch-clip": PCHClip,
+                 "pch-abs": PCHAbs}
 
 
 def _backend_quadratics(problem, names):
     model, loss_fn, x, y = problem.make()
-    curvatures = resolve(names)
+    curvatures = [BACKPACK_PATH[name]() for name in names]
     with backpack(*[e for c in curvatures for e in c.backpack_extensions()]):
         loss_fn(model(x), y).backward()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

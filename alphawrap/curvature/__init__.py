@@ -12,9 +12,17 @@ from alphawrap.curvature.blockdiag import (
     PCHAbs,
     PCHClip,
 )
+from alphawrap.curvature.sweep import (
+    SweepCurvature,
+    SweepGGN,
+    SweepHessian,
+    SweepPCHAbs,
+    SweepPCHClip,
+    share_engine,
+)
 
 REGISTRY: dict[str, type[Curvature]] = {
-    cls.name: cls for cls in (BlockHessian, BlockGGN, PCHClip, PCHAbs)
+    cls.name: cls for cls in (SweepHessian, SweepGGN, SweepPCHClip, SweepPCHAbs)
 }
 """All curvature backends by name, in the order the README lists them."""
 
@@ -41,7 +49,9 @@ def resolve(curvature: str | Sequence[str]) -> list[Curvature]:
             )
     if len(set(names)) != len(names):
         raise ValueError(f"curvature lists a name twice: {names}.")
-    return [REGISTRY[name]() for name in names]
+    curvatures = [REGISTRY[name]() for name in names]
+    share_engine(curvatures)
+    return curvatures
 
 
 __all__ = [
@@ -53,6 +63,11 @@ __all__ = [
     "EvaluationContext",
     "PCHAbs",
     "PCHClip",
+    "SweepCurvature",
+    "SweepGGN",
+    "SweepHessian",
+    "SweepPCHAbs",
+    "SweepPCHClip",
     "available",
     "resolve",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +27,12 @@ class EvaluationContext:
         reached: Indices of the parameters the closure's backward reached.
         names: A display name for each parameter.
         accumulate_dtype: dtype in which quadratic forms are accumulated.
+        batch: What the closure fed to ``model`` and ``loss_fn`` (a
+            :class:`~alphawrap.batch.RecordedBatch`), for the curvatures with
+            :attr:`Curvature.needs_batch`; ``None`` otherwise.
+        curvatures: All curvatures evaluated in this step, so that backends can
+            share work (see :mod:`alphawrap.curvature.exact`).
+        cache: Scratch space shared by the backends during one evaluation.
     """
 
     params: Sequence[Tensor]
@@ -34,6 +40,9 @@ class EvaluationContext:
     reached: set[int]
     names: Sequence[str]
     accumulate_dtype: torch.dtype
+    batch: Any = None
+    curvatures: Sequence[Curvature] = ()
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 class Curvature(ABC):
@@ -50,6 +59,18 @@ class Curvature(ABC):
     """One line for error messages and the README."""
     blockwise: ClassVar[bool] = False
     """Whether :meth:`quadratic` returns one value per parameter block."""
+    needs_batch: ClassVar[bool] = False
+    """Whether evaluation re-runs ``loss_fn(model(...))`` on the closure's batch
+    (the probe then needs ``model=`` and ``loss_fn=``)."""
+    scales_with_loss: ClassVar[bool] = True
+    """Whether ``dᵀCd`` comes out multiplied by a loss scale applied before
+    ``backward()`` (mixed precision); the probe divides it out if so."""
+    needs_backpack_modules: ClassVar[bool] = False
+    """Whether the model must consist of modules BackPACK supports."""
+
+    def supported_modules(self) -> list[str]:
+        """Module classes this curvature supports (empty: any differentiable model)."""
+        return []
 
     def backpack_extensions(self) -> list[Any]:
         """BackPACK extensions to activate during the closure's backward pass."""

@@ -65,6 +65,42 @@ class _FixedPCHMPTanh(_ResidualFix, PCHMPTanh):
     pass
 
 
+class _LossOutputScale:
+    """Mixin: multiply the loss Hessian by the gradient flowing into the loss.
+
+    BackPACK assumes the loss module is the last operation (output gradient 1)
+    and ignores that gradient, while the activations' residual terms use the
+    backpropagated gradient. For a scaled loss (``GradScaler``:
+    ``(s * loss).backward()``) the two parts would disagree by the factor ``s``;
+    with this mixin the whole product is that of the scaled loss, which the probe
+    divides by ``s``. For an unscaled loss the factor is exactly 1.
+    """
+
+    def backpropagate(
+        self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any, backproped: Any
+    ) -> Any:
+        product = super().backpropagate(ext, module, g_inp, g_out, backproped)  # type: ignore[misc]
+        scale = g_out[0].detach()
+
+        def scaled_product(mat: Tensor) -> Tensor:
+            return product(mat) * scale
+
+        return scaled_product
+
+
+def _scale_loss_products(extension: BackpropExtension) -> BackpropExtension:
+    """Replace the loss modules' extensions by ones that honour a loss scale."""
+    mapping = getattr(extension, "_BackpropExtension__module_extensions", {})
+    for module_cls in (nn.MSELoss, nn.CrossEntropyLoss):
+        base = mapping.get(module_cls)
+        if base is not None and not isinstance(base, _LossOutputScale):
+            cls = type(
+                f"_Scaled{type(base).__name__}", (_LossOutputScale, type(base)), {}
+            )
+            extension.set_module_extension(module_cls, cls(), overwrite=True)
+    return extension
+
+
 def supported_modules(extension: BackpropExtension) -> list[str]:
     """Names of the module classes a BackPACK extension handles."""
     mapping = getattr(extension, "_BackpropExtension__module_extensions", {})
@@ -78,14 +114,18 @@ class BlockDiagonalCurvature(Curvature):
     """
 
     blockwise = True
+    needs_backpack_modules = True
     savefield: ClassVar[str]
 
     def make_extension(self) -> BackpropExtension:
         """Return a fresh BackPACK extension saving to :attr:`savefield`."""
         raise NotImplementedError
 
+    def supported_modules(self) -> list[str]:
+        return supported_modules(self.make_extension())
+
     def backpack_extensions(self) -> list[Any]:
-        return [self.make_extension()]
+        return [_scale_loss_products(self.make_extension())]
 
     def check_backward(self, ctx: EvaluationContext) -> None:
         missing = [
@@ -101,7 +141,7 @@ class BlockDiagonalCurvature(Curvature):
                 "(use `model = backpack.extend(model)` before creating the "
                 "optimizer) or these parameters are used outside a module BackPACK "
                 "sees (functional calls, parameters of a custom module). Supported "
-                f"modules: {', '.join(supported_modules(self.make_extension()))}."
+                f"modules: {', '.join(self.supported_modules())}."
             )
 
     def quadratic(self, ctx: EvaluationContext) -> Tensor:
@@ -178,6 +218,12 @@ _NO_EXTENSION = re.compile(r"does not have an extension for Module <class '([\w.
 _NO_BACKPROPED = "expects a backpropagation quantity but it is None"
 
 
+def _savefield(curvature: Curvature) -> str | None:
+    field = getattr(curvature, "savefield", None)
+    engine = getattr(curvature, "engine", None)
+    return field or getattr(getattr(engine, "recorder", None), "savefield", None)
+
+
 def translate_backpack_error(
     error: BaseException, curvatures: Sequence[Curvature], alternatives: Sequence[str]
 ) -> CurvatureError | None:
@@ -191,12 +237,13 @@ def translate_backpack_error(
     Returns:
         A :class:`CurvatureError`, or ``None`` if ``error`` is not BackPACK's.
     """
-    block = [c for c in curvatures if isinstance(c, BlockDiagonalCurvature)]
+    block = [c for c in curvatures if c.needs_backpack_modules]
     if not block:
         return None
     names = ", ".join(repr(c.name) for c in block)
     other = (
-        f" Curvatures that do not need BackPACK support: {', '.join(map(repr, alternatives))}."
+        " Curvatures that do not need BackPACK support: "
+        f"{', '.join(map(repr, alternatives))}."
         if alternatives
         else ""
     )
@@ -204,14 +251,13 @@ def translate_backpack_error(
     match = _NO_EXTENSION.search(text)
     if isinstance(error, NotImplementedError) and match:
         module = match.group(1).rsplit(".", 1)[-1]
-        failing = [
-            c for c in block if c.savefield in text or c.savefield.lstrip("_") in text
-        ]
-        culprit = failing[0] if failing else block[0]
+        culprit = next(
+            (c for c in block if _savefield(c) and _savefield(c) in text), block[0]
+        )
         return CurvatureError(
             f"Curvature {culprit.name!r} ({culprit.description}) cannot handle "
             f"module {module}. Supported modules: "
-            f"{', '.join(supported_modules(culprit.make_extension()))}.{other}"
+            f"{', '.join(culprit.supported_modules())}.{other}"
         )
     if _NO_BACKPROPED in text:
         return CurvatureError(

@@ -1,0 +1,397 @@
+r"""Fast path: all block quadratics from one forward sweep of stacked tangents.
+
+Summing BackPACK's ``HMP``/``GGNMP``/``PCHMP`` closures over the parameters
+re-propagates through every later layer once per block, so its cost grows with
+the square of the depth and it repeats the work for each curvature. This module
+computes the same numbers from shared work:
+
+1. During the closure's backward pass a lightweight BackPACK extension only
+   *records* each module's stored input/output and its output gradient
+   :math:`\delta` (no closures are built).
+2. After the inner step, with :math:`\theta_0` swapped back in, one forward sweep
+   carries a stack of tangents, one per parameter block :math:`b`:
+   :math:`\dot z_b = J_{\theta_b} d_b` enters at the block's module and is
+   pushed through every later module's Jacobian (BackPACK's
+   ``jac_mat_prod``), all blocks in one batched product.
+3. Each block's quadratic splits into a Gauss-Newton part at the loss and
+   residual parts at the nonlinear modules it passes,
+
+   .. math::
+
+       d_b^\top C_{bb} d_b = \dot f_b^\top \nabla^2_f \ell\, \dot f_b
+       + \sum_{\text{modules } m} \dot x_{m,b}^\top\,
+         \operatorname{modify}(R_m)\, \dot x_{m,b},
+       \qquad R_m = \nabla^2_x \langle \delta_m, m(x) \rangle,
+
+   where ``modify`` keeps :math:`R_m` (Hessian), drops it (GGN), clips it at
+   zero (PCH-clip) or takes its absolute value (PCH-abs). For element-wise
+   activations :math:`R_m = \operatorname{diag}(f''(x) \odot \delta_m)`, so all
+   four curvatures come from the same tangents, split by sign.
+
+The results equal BackPACK's extensions (the tests keep those as the reference),
+except for ``Sigmoid``/``Tanh`` under PCH where BackPACK 1.7.1 is wrong (see
+:mod:`alphawrap.curvature.blockdiag`).
+
+The sweep needs the modules to form a chain (each module's input is the previous
+module's output): a functional operation or a branch in between is detected and
+refused with a clear error rather than giving silently wrong numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from backpack.extensions import HMP
+from backpack.extensions.backprop_extension import BackpropExtension
+from backpack.extensions.module_extension import ModuleExtension
+from torch import Tensor, nn
+
+from alphawrap.curvature.base import Curvature, EvaluationContext
+from alphawrap.curvature.blockdiag import supported_modules
+from alphawrap.errors import CurvatureError
+
+KINDS: tuple[str, ...] = ("hessian", "ggn", "pch-clip", "pch-abs")
+SAVEFIELD = "_alphawrap_sweep"
+
+
+@dataclass
+class _Trace:
+    """What the backward pass recorded for one module."""
+
+    module: nn.Module
+    derivatives: Any
+    inputs: tuple[Tensor, ...]
+    output: Tensor
+    g_inp: tuple[Tensor | None, ...]
+    g_out: tuple[Tensor | None, ...]
+
+
+class _RecordModule(ModuleExtension):
+    """Record a module's stored tensors and gradients; compute nothing."""
+
+    def __init__(self, derivatives: Any) -> None:
+        super().__init__(params=None)
+        self.derivatives = derivatives
+
+    def __call__(
+        self, extension: BackpropExtension, module: nn.Module, g_inp: Any, g_out: Any
+    ) -> None:
+        inputs = []
+        i = 0
+        while hasattr(module, f"input{i}"):
+            inputs.append(getattr(module, f"input{i}"))
+            i += 1
+        extension.trace.append(  # type: ignore[attr-defined]
+            _Trace(module, self.derivatives, tuple(inputs), module.output, g_inp, g_out)
+        )
+
+
+def _derivatives_by_module() -> dict[type[nn.Module], Any]:
+    mapping = HMP()._BackpropExtension__module_extensions  # type: ignore[attr-defined]
+    return {cls: ext.derivatives for cls, ext in mapping.items()}
+
+
+class Recorder(BackpropExtension):
+    """BackPACK extension that records the backward pass for :class:`TangentSweep`."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            savefield=SAVEFIELD,
+            module_exts={
+                cls: _RecordModule(derivs)
+                for cls, derivs in _derivatives_by_module().items()
+            },
+            fail_mode="ERROR",
+        )
+        self.trace: list[_Trace] = []
+
+    def expects_backpropagation_quantities(self) -> bool:
+        return False
+
+
+def _is_loss(trace: _Trace) -> bool:
+    return isinstance(trace.module, (nn.MSELoss, nn.CrossEntropyLoss))
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` is ``b`` as passed on by a module (hooks re-wrap tensors)."""
+    return (
+        a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    )
+
+
+def _per_slot(values: Tensor, acc: torch.dtype) -> Tensor:
+    """Sum a ``[V, ...]`` tensor over everything but the leading dimension."""
+    return values.reshape(values.shape[0], -1).sum(1, dtype=acc)
+
+
+class TangentSweep:
+    """Shared engine: computes the requested block quadratics once per step."""
+
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+        self.recorder = Recorder()
+        self._result: dict[str, Tensor] | None = None
+        self._chain: list[_Trace] | None = None
+
+    def reset(self) -> None:
+        """Forget the recorded pass and the cached result."""
+        self.recorder.trace.clear()
+        self._result = None
+        self._chain = None
+
+    # ------------------------------------------------------------ structure
+    def chain(self, ctx: EvaluationContext) -> tuple[_Trace, list[_Trace]]:
+        """Return the loss record and the modules in forward order, validated.
+
+        Raises:
+            CurvatureError: If the loss was not recorded, the modules do not form
+                a chain, or a reached parameter belongs to no recorded module.
+        """
+        trace = self.recorder.trace
+        names = ", ".join(repr(k) for k in self.kinds)
+        if not trace:
+            raise CurvatureError(
+                f"BackPACK recorded nothing for {names}: neither the model nor the "
+                "loss function is extended. Use `model = backpack.extend(model)` "
+                "before creating the optimizer and `loss_fn = backpack.extend("
+                "torch.nn.CrossEntropyLoss())` (or MSELoss)."
+            )
+        if not _is_loss(trace[0]):
+            raise CurvatureError(
+                f"BackPACK recorded no loss module for {names}: the loss function is "
+                "not extended or is computed functionally. Use a loss module extended "
+                "with BackPACK, e.g. `loss_fn = backpack.extend(torch.nn."
+                "CrossEntropyLoss())` (MSELoss and CrossEntropyLoss are supported), "
+                "as the last operation of the closure."
+            )
+        loss, layers = trace[0], trace[:0:-1]  # layers in forward order
+        links = [(b, a) for a, b in zip(layers, layers[1:])]
+        for later, earlier in links:
+            if not _same_tensor(later.inputs[0], earlier.output):
+                raise CurvatureError(
+                    f"Curvatures {names} need the model to be a chain of BackPACK "
+                    f"modules, but the input of {type(later.module).__name__} is not "
+                    f"the output of {type(earlier.module).__name__} (a functional "
+                    "operation, a residual connection or a branch in between). "
+                    "Use modules for every operation, or an exact curvature."
+                )
+        if layers and not _same_tensor(loss.inputs[0], layers[-1].output):
+            raise CurvatureError(
+                f"Curvatures {names}: the loss's input is not the output of the last "
+                f"module ({type(layers[-1].module).__name__}); an operation between "
+                "model and loss is invisible to BackPACK."
+            )
+        owned = {id(p) for t in layers for p in t.module.parameters(recurse=False)}
+        orphans = [
+            ctx.names[i] for i in sorted(ctx.reached) if id(ctx.params[i]) not in owned
+        ]
+        if orphans:
+            raise CurvatureError(
+                f"Curvatures {names} got no BackPACK record for parameter(s) "
+                f"{', '.join(orphans)}, although the backward pass reached them. "
+                "Either the model is not extended (use `model = backpack.extend("
+                "model)` before creating the optimizer) or these parameters are used "
+                "outside a module BackPACK sees. Supported modules: "
+                f"{', '.join(supported_modules(self.recorder))}."
+            )
+        return loss, layers
+
+    # ----------------------------------------------------------------- sweep
+    def quadratics(self, ctx: EvaluationContext) -> dict[str, Tensor]:
+        """Block quadratics ``[len(params)]`` for every requested kind (cached)."""
+        if self._result is None:
+            loss, layers = self.chain(ctx)
+            self._result = self._sweep(ctx, loss, layers)
+        return self._result
+
+    def _sweep(
+        self, ctx: EvaluationContext, loss: _Trace, layers: list[_Trace]
+    ) -> dict[str, Tensor]:
+        acc = ctx.accumulate_dtype
+        index = {id(p): i for i, p in enumerate(ctx.params)}
+        device = ctx.directions[0].device if ctx.directions else None
+        residual_kinds = [k for k in self.kinds if k != "ggn"]
+        parts = {k: [] for k in residual_kinds}  # (slots, per-slot values)
+        tangents: Tensor | None = None
+        slots: list[int] = []
+        for trace in layers:
+            module, derivs = trace.module, trace.derivatives
+            with _stored_io(trace):
+                if tangents is not None:
+                    if residual_kinds and not derivs.hessian_is_zero(module):
+                        self._residuals(trace, tangents, slots, parts, acc)
+                    tangents = derivs.jac_mat_prod(
+                        module, trace.g_inp, trace.g_out, tangents
+                    )
+                new = []
+                for pname in ("weight", "bias"):
+                    p = getattr(module, pname, None)
+                    i = index.get(id(p)) if isinstance(p, Tensor) else None
+                    if i is None or i not in ctx.reached:
+                        continue
+                    prod = getattr(derivs, f"{pname}_jac_mat_prod")
+                    new.append(
+                        prod(module, trace.g_inp, trace.g_out, ctx.directions[i][None])
+                    )
+                    slots.append(i)
+                if new:
+                    tangents = torch.cat(
+                        new if tangents is None else [tangents, *new], dim=0
+                    )
+        result = {
+            k: torch.zeros(len(ctx.params), dtype=acc, device=device)
+            for k in self.kinds
+        }
+        if tangents is None:
+            return result
+        with _stored_io(loss):
+            h_prod = loss.derivatives.make_hessian_mat_prod(
+                loss.module, loss.g_inp, loss.g_out
+            )
+            gauss_newton = _per_slot(tangents * h_prod(tangents), acc)
+        # BackPACK's loss Hessian assumes the loss is the last operation; a scaled
+        # loss (GradScaler: (s * loss).backward()) scales the residuals through δ,
+        # so scale the Gauss-Newton part by the gradient flowing into the loss too.
+        if loss.g_out and loss.g_out[0] is not None:
+            gauss_newton = gauss_newton * loss.g_out[0].detach().to(acc).reshape(())
+        slot_index = torch.tensor(slots, device=device)
+        for k in self.kinds:
+            result[k].index_add_(0, slot_index, gauss_newton)
+        for k, contributions in parts.items():
+            for count, values in contributions:
+                result[k].index_add_(0, slot_index[:count], values)
+        return result
+
+    def _residuals(
+        self,
+        trace: _Trace,
+        tangents: Tensor,
+        slots: list[int],
+        parts: dict[str, list[tuple[int, Tensor]]],
+        acc: torch.dtype,
+    ) -> None:
+        """Add ``ẋᵀ modify(R) ẋ`` of one module for every slot alive there."""
+        module, derivs = trace.module, trace.derivatives
+        count = tangents.shape[0]
+        if derivs.hessian_is_diagonal(module):
+            r = derivs.hessian_diagonal(module, trace.g_inp, trace.g_out)
+            squares = tangents * tangents
+            for k in parts:
+                modified = {
+                    "hessian": r,
+                    "pch-clip": r.clamp(min=0),
+                    "pch-abs": r.abs(),
+                }[k]
+                parts[k].append((count, _per_slot(squares * modified, acc)))
+            return
+        if any(k != "hessian" for k in parts):
+            raise CurvatureError(
+                f"The positive-curvature Hessian needs linear or element-wise "
+                f"modules; {type(module).__name__} has a non-diagonal second "
+                "derivative. Use 'hessian' or 'ggn' for this model."
+            )
+        product = derivs.residual_mat_prod(module, trace.g_inp, trace.g_out, tangents)
+        parts["hessian"].append((count, _per_slot(tangents * product, acc)))
+
+
+class _stored_io:
+    """Put the recorded input/output back on a module while BackPACK reads them."""
+
+    def __init__(self, trace: _Trace) -> None:
+        self.trace = trace
+
+    def __enter__(self) -> None:
+        module = self.trace.module
+        for i, x in enumerate(self.trace.inputs):
+            setattr(module, f"input{i}", x)
+        module.output = self.trace.output
+
+    def __exit__(self, *exc: object) -> None:
+        module = self.trace.module
+        for i in range(len(self.trace.inputs)):
+            if hasattr(module, f"input{i}"):
+                delattr(module, f"input{i}")
+        if hasattr(module, "output"):
+            delattr(module, "output")
+
+
+class SweepCurvature(Curvature):
+    """Template: one block curvature served by a (shared) :class:`TangentSweep`.
+
+    :func:`alphawrap.curvature.resolve` gives all sweep curvatures of a probe one
+    engine, so requesting several costs one recording and one sweep.
+    """
+
+    blockwise = True
+    needs_backpack_modules = True
+    kind: ClassVar[str]
+
+    def supported_modules(self) -> list[str]:
+        return supported_modules(self.engine.recorder)
+
+    def __init__(self, engine: TangentSweep | None = None) -> None:
+        self.engine = engine if engine is not None else TangentSweep()
+        if self.kind not in self.engine.kinds:
+            self.engine.kinds.append(self.kind)
+
+    def backpack_extensions(self) -> list[Any]:
+        # Only the engine's first curvature activates the recorder.
+        return [self.engine.recorder] if self.engine.kinds[0] == self.kind else []
+
+    def check_backward(self, ctx: EvaluationContext) -> None:
+        self.engine.chain(ctx)
+
+    def quadratic(self, ctx: EvaluationContext) -> Tensor:
+        return self.engine.quadratics(ctx)[self.kind]
+
+    def cleanup(self, params: Sequence[Tensor]) -> None:
+        self.engine.reset()
+
+
+class SweepHessian(SweepCurvature):
+    """Block-diagonal Hessian (fast path; reference: BackPACK ``HMP``)."""
+
+    name = "hessian"
+    kind = "hessian"
+    description = "block-diagonal Hessian (BackPACK HMP, tangent sweep)"
+
+
+class SweepGGN(SweepCurvature):
+    """Block-diagonal GGN (fast path; reference: BackPACK ``GGNMP``)."""
+
+    name = "ggn"
+    kind = "ggn"
+    description = (
+        "block-diagonal generalized Gauss-Newton (BackPACK GGNMP, tangent sweep)"
+    )
+
+
+class SweepPCHClip(SweepCurvature):
+    """Positive-curvature Hessian, clip (fast path; reference: fixed ``PCHMP``)."""
+
+    name = "pch-clip"
+    kind = "pch-clip"
+    description = "block-diagonal positive-curvature Hessian, clip (tangent sweep)"
+
+
+class SweepPCHAbs(SweepCurvature):
+    """Positive-curvature Hessian, abs (fast path; reference: fixed ``PCHMP``)."""
+
+    name = "pch-abs"
+    kind = "pch-abs"
+    description = "block-diagonal positive-curvature Hessian, abs (tangent sweep)"
+
+
+def share_engine(curvatures: Sequence[Curvature]) -> None:
+    """Give every :class:`SweepCurvature` in ``curvatures`` one common engine."""
+    sweeps = [c for c in curvatures if isinstance(c, SweepCurvature)]
+    if not sweeps:
+        return
+    engine = TangentSweep()
+    for c in sweeps:
+        c.engine = engine
+        engine.kinds.append(c.kind)
