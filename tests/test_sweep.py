@@ -72,11 +72,14 @@ def _cnn(dtype):
     return model, extend(nn.CrossEntropyLoss()), x, y
 
 
+@pytest.mark.parametrize(
+    "fast_rules", [True, False], ids=["fast-rules", "backpack-rules"]
+)
 @pytest.mark.parametrize("problem", PROBLEMS, ids=PROBLEM_IDS)
-def test_sweep_matches_dense_reference(problem):
+def test_sweep_matches_dense_reference(problem, fast_rules):
     model, loss_fn, x, y = problem.make()
     fast = [cls() for cls in FAST]
-    share_engine(fast)
+    share_engine(fast, fast=fast_rules)
     directions, values = _quadratics(model, loss_fn, x, y, fast)
     for name, residual in RESIDUAL.items():
         ref = recursive_block_quadratics(model, loss_fn, x, y, directions, residual)

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from alphawrap.curvature.base import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import supported_modules
+from alphawrap.curvature.rules import BackpackRule, rule_for
 from alphawrap.errors import CurvatureError
 
 KINDS: tuple[str, ...] = ("hessian", "ggn", "pch-clip", "pch-abs")
@@ -131,8 +132,9 @@ def _per_slot(values: Tensor, acc: torch.dtype) -> Tensor:
 class TangentSweep:
     """Shared engine: computes the requested block quadratics once per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, fast: bool = True) -> None:
         self.kinds: list[str] = []
+        self.fast = fast
         self.recorder = Recorder()
         self._result: dict[str, Tensor] | None = None
         self._chain: list[_Trace] | None = None
@@ -215,44 +217,34 @@ class TangentSweep:
         index = {id(p): i for i, p in enumerate(ctx.params)}
         device = ctx.directions[0].device if ctx.directions else None
         residual_kinds = [k for k in self.kinds if k != "ggn"]
-        parts = {k: [] for k in residual_kinds}  # (slots, per-slot values)
+        parts: dict[str, list[tuple[int, Tensor]]] = {k: [] for k in residual_kinds}
         tangents: Tensor | None = None
         slots: list[int] = []
         for trace in layers:
-            module, derivs = trace.module, trace.derivatives
-            with _stored_io(trace):
-                if tangents is not None:
-                    if residual_kinds and not derivs.hessian_is_zero(module):
-                        self._residuals(trace, tangents, slots, parts, acc)
-                    tangents = derivs.jac_mat_prod(
-                        module, trace.g_inp, trace.g_out, tangents
-                    )
-                new = []
-                for pname in ("weight", "bias"):
-                    p = getattr(module, pname, None)
-                    i = index.get(id(p)) if isinstance(p, Tensor) else None
-                    if i is None or i not in ctx.reached:
-                        continue
-                    prod = getattr(derivs, f"{pname}_jac_mat_prod")
-                    new.append(
-                        prod(module, trace.g_inp, trace.g_out, ctx.directions[i][None])
-                    )
-                    slots.append(i)
-                if new:
-                    tangents = torch.cat(
-                        new if tangents is None else [tangents, *new], dim=0
-                    )
+            rule = rule_for(trace.module, trace.derivatives, self.fast)
+            if tangents is not None:
+                if residual_kinds and not rule.residual_is_zero(trace):
+                    self._residuals(trace, rule, tangents, parts, acc)
+                tangents = rule.jac(trace, tangents)
+            new = []
+            for pname in ("weight", "bias"):
+                p = getattr(trace.module, pname, None)
+                i = index.get(id(p)) if isinstance(p, Tensor) else None
+                if i is None or i not in ctx.reached:
+                    continue
+                new.append(rule.param_jac(trace, pname, ctx.directions[i]))
+                slots.append(i)
+            if new:
+                tangents = torch.cat(new if tangents is None else [tangents, *new])
         result = {
             k: torch.zeros(len(ctx.params), dtype=acc, device=device)
             for k in self.kinds
         }
         if tangents is None:
             return result
-        with _stored_io(loss):
-            h_prod = loss.derivatives.make_hessian_mat_prod(
-                loss.module, loss.g_inp, loss.g_out
-            )
-            gauss_newton = _per_slot(tangents * h_prod(tangents), acc)
+        loss_rule = rule_for(loss.module, loss.derivatives, fast=False)
+        h_prod = loss_rule.loss_hessian_prod(loss)
+        gauss_newton = _per_slot(tangents * h_prod(tangents), acc)
         # BackPACK's loss Hessian assumes the loss is the last operation; a scaled
         # loss (GradScaler: (s * loss).backward()) scales the residuals through δ,
         # so scale the Gauss-Newton part by the gradient flowing into the loss too.
@@ -266,57 +258,37 @@ class TangentSweep:
                 result[k].index_add_(0, slot_index[:count], values)
         return result
 
+    @staticmethod
     def _residuals(
-        self,
         trace: _Trace,
+        rule: BackpackRule,
         tangents: Tensor,
-        slots: list[int],
         parts: dict[str, list[tuple[int, Tensor]]],
         acc: torch.dtype,
     ) -> None:
         """Add ``ẋᵀ modify(R) ẋ`` of one module for every slot alive there."""
-        module, derivs = trace.module, trace.derivatives
         count = tangents.shape[0]
-        if derivs.hessian_is_diagonal(module):
-            r = derivs.hessian_diagonal(module, trace.g_inp, trace.g_out)
+        r = rule.residual_diagonal(trace)
+        if r is not None:
             squares = tangents * tangents
             for k in parts:
-                modified = {
-                    "hessian": r,
-                    "pch-clip": r.clamp(min=0),
-                    "pch-abs": r.abs(),
-                }[k]
+                modified = (
+                    r
+                    if k == "hessian"
+                    else r.clamp(min=0)
+                    if k == "pch-clip"
+                    else r.abs()
+                )
                 parts[k].append((count, _per_slot(squares * modified, acc)))
             return
         if any(k != "hessian" for k in parts):
             raise CurvatureError(
-                f"The positive-curvature Hessian needs linear or element-wise "
-                f"modules; {type(module).__name__} has a non-diagonal second "
+                "The positive-curvature Hessian needs linear or element-wise "
+                f"modules; {type(trace.module).__name__} has a non-diagonal second "
                 "derivative. Use 'hessian' or 'ggn' for this model."
             )
-        product = derivs.residual_mat_prod(module, trace.g_inp, trace.g_out, tangents)
+        product = rule.residual_mat_prod(trace, tangents)
         parts["hessian"].append((count, _per_slot(tangents * product, acc)))
-
-
-class _stored_io:
-    """Put the recorded input/output back on a module while BackPACK reads them."""
-
-    def __init__(self, trace: _Trace) -> None:
-        self.trace = trace
-
-    def __enter__(self) -> None:
-        module = self.trace.module
-        for i, x in enumerate(self.trace.inputs):
-            setattr(module, f"input{i}", x)
-        module.output = self.trace.output
-
-    def __exit__(self, *exc: object) -> None:
-        module = self.trace.module
-        for i in range(len(self.trace.inputs)):
-            if hasattr(module, f"input{i}"):
-                delattr(module, f"input{i}")
-        if hasattr(module, "output"):
-            delattr(module, "output")
 
 
 class SweepCurvature(Curvature):
@@ -386,12 +358,18 @@ class SweepPCHAbs(SweepCurvature):
     description = "block-diagonal positive-curvature Hessian, abs (tangent sweep)"
 
 
-def share_engine(curvatures: Sequence[Curvature]) -> None:
-    """Give every :class:`SweepCurvature` in ``curvatures`` one common engine."""
+def share_engine(curvatures: Sequence[Curvature], fast: bool = True) -> None:
+    """Give every :class:`SweepCurvature` in ``curvatures`` one common engine.
+
+    Args:
+        curvatures: Backends of one probe.
+        fast: Use the direct rules of :data:`~alphawrap.curvature.rules.FAST_RULES`
+            (``False``: BackPACK's derivatives for every module, for testing).
+    """
     sweeps = [c for c in curvatures if isinstance(c, SweepCurvature)]
     if not sweeps:
         return
-    engine = TangentSweep()
+    engine = TangentSweep(fast=fast)
     for c in sweeps:
         c.engine = engine
         engine.kinds.append(c.kind)
