@@ -1,0 +1,210 @@
+"""The closure-free path: ``probe.capture()`` and ``GradScaler``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from backpack import extend
+from torch import Tensor, nn
+
+from alphawrap import AlphaProbe, ClosureError
+from alphawrap.curvature import REGISTRY, available
+
+IN, HIDDEN, OUT, BATCH = 4, 5, 3, 8
+LOSS_FN = extend(nn.CrossEntropyLoss())
+BLOCK = ["hessian", "ggn", "pch-clip", "pch-abs"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    # Tanh: curvature has residual terms that are scaled through the backward pass
+    return extend(
+        nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+    )
+
+
+def make_batches(n: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, BATCH, IN, generator=gen)
+    ys = torch.randint(0, OUT, (n, BATCH), generator=gen)
+    return list(zip(xs, ys))
+
+
+def make_probe(model: nn.Module, curvature=BLOCK, **kwargs) -> AlphaProbe:
+    inner = torch.optim.Adam(model.parameters(), lr=1e-2)
+    names = [curvature] if isinstance(curvature, str) else curvature
+    if any(getattr(REGISTRY[n], "needs_batch", False) for n in names):
+        kwargs.update(model=model, loss_fn=LOSS_FN)  # the exact curvatures replay
+        try:
+            return AlphaProbe(inner, curvature=curvature, **kwargs)
+        except TypeError as error:  # pragma: no cover
+            if "loss_fn" not in str(error):
+                raise
+            pytest.skip(f"AlphaProbe does not take loss_fn= yet: {error}")
+    return AlphaProbe(inner, curvature=curvature, **kwargs)
+
+
+def closure_step(probe: AlphaProbe, model: nn.Module, batch) -> Tensor:
+    x, y = batch
+
+    def closure() -> Tensor:
+        probe.zero_grad()
+        loss = LOSS_FN(model(x), y)
+        loss.backward()
+        return loss
+
+    return probe.step(closure)
+
+
+def capture_step(probe: AlphaProbe, model: nn.Module, batch, record_loss=True):
+    x, y = batch
+    probe.zero_grad()
+    with probe.capture() as cap:
+        loss = LOSS_FN(model(x), y)
+        loss.backward()
+        if record_loss:
+            cap.loss = loss
+    assert probe.step() is None
+    return loss
+
+
+def params_equal(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["observe", "apply"])
+def test_capture_gives_the_closure_path_records(mode):
+    batches = make_batches(5)
+    model_a, model_b = make_model(), make_model()
+    probe_a, probe_b = make_probe(model_a, mode=mode), make_probe(model_b, mode=mode)
+    for batch in batches:
+        loss_a = closure_step(probe_a, model_a, batch)
+        loss_b = capture_step(probe_b, model_b, batch)
+        assert torch.equal(loss_a, loss_b)
+        assert params_equal(model_a, model_b)
+        assert probe_a.history[-1] == probe_b.history[-1]
+    assert probe_b.step_count == len(batches)
+    assert any(r.status == "ok" for r in probe_b.history)
+
+
+def test_capture_without_loss_records_none():
+    model_a, model_b = make_model(), make_model()
+    probe_a, probe_b = make_probe(model_a), make_probe(model_b)
+    batch = make_batches(1)[0]
+    closure_step(probe_a, model_a, batch)
+    capture_step(probe_b, model_b, batch, record_loss=False)
+    rec_a, rec_b = probe_a.history[-1], probe_b.history[-1]
+    assert rec_b.loss is None and rec_a.loss is not None
+    assert rec_b.alphas == rec_a.alphas and rec_b.slope == rec_a.slope
+    assert params_equal(model_a, model_b)
+
+
+def test_step_without_closure_or_capture_raises_and_changes_nothing():
+    model = make_model()
+    probe = make_probe(model)
+    closure_step(probe, model, make_batches(1)[0])
+    before = copy.deepcopy((model.state_dict(), probe.inner.state_dict()))
+    with pytest.raises(ClosureError) as info:
+        probe.step()
+    message = str(info.value)
+    assert "probe.step(closure)" in message  # way 1
+    assert "with probe.capture() as cap:" in message and "probe.step()" in message
+    assert len(probe.history) == 1 and probe.step_count == 1
+    for k, v in before[0].items():
+        assert torch.equal(model.state_dict()[k], v)
+    # a capture is consumed by one step: the next plain step() raises again
+    capture_step(probe, model, make_batches(1)[0])
+    with pytest.raises(ClosureError):
+        probe.step()
+    assert len(probe.history) == 2
+
+
+# ----------------------------------------------------------------- GradScaler
+def _grad_scaler(init_scale: float):
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    except (AttributeError, RuntimeError, TypeError) as error:  # pragma: no cover
+        pytest.skip(f"torch.amp.GradScaler('cpu') unavailable: {error}")
+    if not scaler.is_enabled():  # pragma: no cover
+        pytest.skip("GradScaler is disabled on this device")
+    return scaler
+
+
+def scaled_step(probe, model, scaler, batch, poison: bool = False) -> Tensor:
+    x, y = batch
+    probe.zero_grad()
+    with probe.capture(loss_scale=scaler) as cap:
+        loss = LOSS_FN(model(x), y)
+        scaler.scale(loss).backward()
+        cap.loss = loss
+    if poison:  # an overflow in the scaled gradients
+        next(model.parameters()).grad[0, 0] = float("inf")
+    scaler.step(probe)
+    scaler.update()
+    return loss
+
+
+# block curvatures plus every other backend the package registers
+SCALED_CURVATURES = BLOCK + [c for c in available() if c not in BLOCK]
+
+
+@pytest.mark.parametrize("init_scale", [2.0**10, 3000.0])
+@pytest.mark.parametrize("curvature", SCALED_CURVATURES)
+def test_grad_scaler_gives_the_unscaled_alpha(curvature, init_scale):
+    batches = make_batches(3)
+    model_a, model_b = make_model(), make_model()
+    probe_a = make_probe(model_a, curvature=curvature)
+    probe_b = make_probe(model_b, curvature=curvature)
+    scaler = _grad_scaler(init_scale)
+    for batch in batches:
+        closure_step(probe_a, model_a, batch)
+        scaled_step(probe_b, model_b, scaler, batch)
+        rec_a, rec_b = probe_a.history[-1], probe_b.history[-1]
+        assert rec_b.status == rec_a.status
+        assert rec_b.loss == rec_a.loss
+        assert rec_b.slope == pytest.approx(rec_a.slope, rel=1e-5)
+        assert rec_b.grad_norm == pytest.approx(rec_a.grad_norm, rel=1e-5)
+        assert rec_b.curvatures[curvature] == pytest.approx(
+            rec_a.curvatures[curvature], rel=1e-4, abs=1e-10
+        )
+        if rec_a.alpha is not None:
+            assert rec_b.alpha == pytest.approx(rec_a.alpha, rel=1e-4)
+        for p, q in zip(model_a.parameters(), model_b.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert probe_b.step_count == len(batches)
+
+
+def test_grad_scaler_skips_the_probe_step_on_inf():
+    batches = make_batches(2)
+    model = make_model()
+    probe = make_probe(model, mode="apply")
+    scaler = _grad_scaler(2.0**10)
+    hooks = []
+    probe.register_step_post_hook(lambda *args: hooks.append(probe.step_count))
+    before = [p.detach().clone() for p in model.parameters()]
+    scaled_step(probe, model, scaler, batches[0], poison=True)
+    assert hooks == []  # probe.step() never ran
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert len(probe.history) == 0 and probe.step_count == 0
+    assert len(probe.state) == 0  # the inner optimizer never stepped
+    assert scaler.get_scale() < 2.0**10  # the scaler backed off
+    # the next, clean iteration is a normal probed step
+    ref_model = make_model()
+    ref = make_probe(ref_model, mode="apply")
+    closure_step(ref, ref_model, batches[1])
+    scaled_step(probe, model, scaler, batches[1])
+    assert len(probe.history) == 1 and probe.history[0].step == 0
+    assert hooks == [1]  # GradScaler.step(probe) fires the probe's hooks once
+    assert probe.history[0].alpha == pytest.approx(ref.history[0].alpha, rel=1e-4)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

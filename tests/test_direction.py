@@ -1,0 +1,456 @@
+"""The update d, observe-mode transparency and apply-mode arithmetic.
+
+Every inner optimizer is run twice on the same mini-batches: wrapped in an
+observe-mode ``AlphaProbe`` and unwrapped. After every step parameters and every
+tensor of the optimizer state must be bitwise identical. Apply mode must take
+exactly ``θ₀ + α·d`` while the inner state advances exactly as in its own step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from backpack import extend
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from alphawrap import AlphaProbe
+
+IN, HIDDEN, OUT, BATCH = 4, 6, 3, 8
+STEPS = 100
+
+
+# ----------------------------------------------------------------- problem data
+def make_model(
+    dtype: torch.dtype = torch.float32, seed: int = 0, extended: bool = True
+) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+    model = model.to(dtype)
+    return extend(model) if extended else model
+
+
+def make_batches(
+    n: int, dtype: torch.dtype = torch.float32, seed: int = 1
+) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    xs = torch.randn(n, BATCH, IN, generator=gen, dtype=dtype)
+    ys = torch.randint(0, OUT, (n, BATCH), generator=gen)
+    return list(zip(xs, ys))
+
+
+LOSS_FN = extend(nn.CrossEntropyLoss())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: extra intra-op threads only oversubscribe a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def closure_for(probe: Optimizer, model: nn.Module, batch: tuple[Tensor, Tensor]):
+    x, y = batch
+
+    def closure() -> Tensor:
+        probe.zero_grad()
+        loss = LOSS_FN(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def plain_step(opt: Optimizer, model: nn.Module, batch: tuple[Tensor, Tensor]):
+    """The canonical unwrapped training step."""
+    x, y = batch
+    opt.zero_grad()
+    loss = LOSS_FN(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+# ------------------------------------------------------- optimizers as test data
+class SignMomentum(Optimizer):
+    """Sign-SGD with momentum: derives from nothing but ``Optimizer``."""
+
+    def __init__(self, params, lr: float = 1e-2, beta: float = 0.9) -> None:
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["buf"] = torch.zeros_like(p)
+                state["step"] += 1
+                buf = state["buf"]
+                buf.mul_(group["beta"]).add_(p.grad, alpha=1 - group["beta"])
+                p.add_(buf.sign(), alpha=-group["lr"])
+        return loss
+
+
+class Uphill(Optimizer):
+    """Steps *along* the gradient (d = lr·g): never a descent direction."""
+
+    def __init__(self, params, lr: float = 1e-2) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["steps"] = state.get("steps", 0) + 1
+                state["last_grad"] = p.grad.clone()
+                p.add_(p.grad, alpha=group["lr"])
+
+
+@dataclass(frozen=True)
+class OptCase:
+    name: str
+    build: Callable[[nn.Sequential], Optimizer]
+
+
+def _two_groups(model: nn.Sequential) -> Optimizer:
+    return torch.optim.Adam(
+        [
+            {"params": model[0].parameters(), "lr": 2e-2, "weight_decay": 0.1},
+            {"params": model[2].parameters()},
+        ],
+        lr=1e-3,
+    )
+
+
+OPTIMIZERS = [
+    OptCase("sgd", lambda m: torch.optim.SGD(m.parameters(), lr=0.1)),
+    OptCase(
+        "sgd-momentum", lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    ),
+    OptCase(
+        "sgd-nesterov",
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True),
+    ),
+    OptCase(
+        "sgd-weight-decay",
+        lambda m: torch.optim.SGD(
+            m.parameters(), lr=0.1, momentum=0.5, dampening=0.1, weight_decay=1e-2
+        ),
+    ),
+    OptCase(
+        "sgd-maximize",
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.01, maximize=True),
+    ),
+    OptCase("adam", lambda m: torch.optim.Adam(m.parameters(), lr=1e-2)),
+    OptCase(
+        "adam-amsgrad",
+        lambda m: torch.optim.Adam(m.parameters(), lr=1e-2, amsgrad=True),
+    ),
+    OptCase("adamw", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)),
+    OptCase("adamax", lambda m: torch.optim.Adamax(m.parameters(), lr=1e-2)),
+    OptCase("nadam", lambda m: torch.optim.NAdam(m.parameters(), lr=1e-2)),
+    OptCase("radam", lambda m: torch.optim.RAdam(m.parameters(), lr=1e-2)),
+    OptCase(
+        "rmsprop",
+        lambda m: torch.optim.RMSprop(
+            m.parameters(), lr=1e-3, momentum=0.5, centered=True
+        ),
+    ),
+    OptCase("rprop", lambda m: torch.optim.Rprop(m.parameters(), lr=1e-2)),
+    OptCase("adagrad", lambda m: torch.optim.Adagrad(m.parameters(), lr=0.1)),
+    OptCase("adadelta", lambda m: torch.optim.Adadelta(m.parameters(), lr=1.0)),
+    OptCase("asgd", lambda m: torch.optim.ASGD(m.parameters(), lr=1e-2, t0=10)),
+    OptCase("adam-two-groups", _two_groups),
+    OptCase("sign-momentum-custom", lambda m: SignMomentum(m.parameters())),
+]
+OPT_IDS = [c.name for c in OPTIMIZERS]
+BY_NAME = {c.name: c for c in OPTIMIZERS}
+
+
+# --------------------------------------------------------------------- helpers
+def group_params(opt: Optimizer) -> list[Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def assert_values_equal(a, b, where: str) -> None:
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def assert_same_optimizer(opt: Optimizer, ref: Optimizer, where: str = "") -> None:
+    """Parameters, per-parameter state and group settings bitwise equal."""
+    for i, (p, q) in enumerate(zip(group_params(opt), group_params(ref), strict=True)):
+        assert torch.equal(p, q), f"{where}: parameter {i} differs"
+        s, r = opt.state.get(p, {}), ref.state.get(q, {})
+        assert s.keys() == r.keys(), f"{where}: state keys of parameter {i}"
+        for key in s:
+            assert_values_equal(s[key], r[key], f"{where}: state[{i}][{key!r}]")
+    for g, h in zip(opt.param_groups, ref.param_groups, strict=True):
+        assert {k: v for k, v in g.items() if k != "params"} == {
+            k: v for k, v in h.items() if k != "params"
+        }, where
+
+
+def snapshot(opt: Optimizer) -> list[Tensor]:
+    return [p.detach().clone() for p in group_params(opt)]
+
+
+def twin_step(probe: AlphaProbe, model: nn.Module, batch) -> Optimizer:
+    """Copy model and inner optimizer as they are now; take one plain step."""
+    twin_model, twin_opt = copy.deepcopy((model, probe.inner))
+    plain_step(twin_opt, twin_model, batch)
+    return twin_opt
+
+
+def expected_scaled(theta0: list[Tensor], theta1: list[Tensor], alpha: float):
+    """θ₀ + α·(θ₁ − θ₀), computed the way a user would."""
+    return [torch.add(t0, t1 - t0, alpha=alpha) for t0, t1 in zip(theta0, theta1)]
+
+
+# ------------------------------------------------------ observe: bitwise identity
+@pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
+def test_observe_is_bitwise_identical_to_unwrapped(case):
+    batches = make_batches(STEPS)
+    model, ref_model = make_model(), make_model(extended=False)
+    probe = AlphaProbe(case.build(model), curvature=["hessian", "ggn"])
+    ref = case.build(ref_model)
+    for i, batch in enumerate(batches):
+        loss = probe.step(closure_for(probe, model, batch))
+        ref_loss = plain_step(ref, ref_model, batch)
+        assert torch.equal(loss, ref_loss)
+        assert_same_optimizer(probe.inner, ref, f"{case.name} step {i}")
+    assert len(probe.history) == STEPS
+    assert [r.step for r in probe.history] == list(range(STEPS))
+    assert all(r.action == "inner" and r.applied == 1.0 for r in probe.history)
+    # the probe measured something on every step (not a silent no-op)
+    for r in probe.history:
+        assert r.direction_norm > 0 and r.grad_norm > 0
+        assert all(math.isfinite(q) and q != 0 for q in r.curvatures.values())
+
+
+@pytest.mark.parametrize("case", OPTIMIZERS, ids=OPT_IDS)
+def test_direction_and_slope_are_those_of_the_unwrapped_update(case):
+    """direction_norm = ‖θ₁−θ₀‖ of the plain step; slope = dᵀg by hand (float64)."""
+    dtype = torch.float64
+    model, ref_model = make_model(dtype), make_model(dtype)
+    probe = AlphaProbe(case.build(model))
+    ref = case.build(ref_model)
+    for batch in make_batches(4, dtype):
+        theta0 = snapshot(ref)
+        plain_step(ref, ref_model, batch)
+        grads = [p.grad.clone() for p in group_params(ref)]
+        d = [p.detach() - t0 for p, t0 in zip(group_params(ref), theta0)]
+        probe.step(closure_for(probe, model, batch))
+        rec = probe.history[-1]
+        norm = math.sqrt(sum(torch.sum(x * x).item() for x in d))
+        slope = sum(torch.sum(x * g).item() for x, g in zip(d, grads))
+        gnorm = math.sqrt(sum(torch.sum(g * g).item() for g in grads))
+        assert norm > 0
+        assert rec.direction_norm == pytest.approx(norm, rel=1e-12)
+        assert rec.slope == pytest.approx(slope, rel=1e-9, abs=1e-15)
+        assert rec.grad_norm == pytest.approx(gnorm, rel=1e-12)
+        assert_same_optimizer(probe.inner, ref)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda ps: torch.optim.LBFGS(ps), "LBFGS is not supported"),
+        (lambda ps: torch.optim.SparseAdam(ps), "SparseAdam is not supported"),
+    ],
+    ids=["lbfgs", "sparse-adam"],
+)
+def test_closure_reevaluating_and_sparse_optimizers_are_refused(build, match):
+    model = make_model()
+    with pytest.raises(TypeError, match=match):
+        AlphaProbe(build(list(model.parameters())))
+
+
+# ------------------------------------------------------------------ apply mode
+APPLY_CASES = [
+    "sgd-momentum",
+    "adam",
+    "rmsprop",
+    "adam-two-groups",
+    "sign-momentum-custom",
+]
+
+
+@pytest.mark.parametrize("name", APPLY_CASES)
+def test_apply_takes_theta0_plus_alpha_d_and_inner_state_advances(name):
+    model = make_model()
+    probe = AlphaProbe(BY_NAME[name].build(model), curvature="ggn", mode="apply")
+    actions = []
+    for i, batch in enumerate(make_batches(12)):
+        theta0 = snapshot(probe)
+        twin = twin_step(probe, model, batch)
+        probe.step(closure_for(probe, model, batch))
+        rec = probe.history[-1]
+        actions.append(rec.action)
+        if rec.status == "ok":
+            assert rec.action == "alpha"
+            assert rec.applied == rec.alpha
+        else:  # default fallback: the inner step unchanged
+            assert (rec.action, rec.applied) == ("inner", 1.0)
+        expected = expected_scaled(theta0, group_params(twin), rec.applied)
+        for j, (p, e) in enumerate(zip(group_params(probe), expected)):
+            assert torch.equal(p, e), f"step {i} param {j}"
+        # the inner state is exactly what the optimizer's own step made of it
+        for p, q in zip(group_params(probe), group_params(twin)):
+            for key, value in probe.state[p].items():
+                assert_values_equal(value, twin.state[q][key], f"step {i} {key}")
+    assert actions.count("alpha") >= len(actions) // 2
+
+
+# Triggers of an undefined α*: (optimizer, curvature, expected status).
+UNDEFINED = {
+    "not-descent": (lambda m: Uphill(m.parameters()), "hessian", "not-descent"),
+    # maximising a loss whose GGN is PSD: the model of -L has no maximum along d
+    "maximize-psd": (
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.01, maximize=True),
+        "ggn",
+        "nonpositive-curvature",
+    ),
+    "zero-direction": (
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9),
+        "hessian",
+        "zero-direction",
+    ),
+}
+
+
+@pytest.mark.parametrize("trigger", list(UNDEFINED))
+@pytest.mark.parametrize(
+    ("mode", "fallback"),
+    [
+        ("apply", "inner"),
+        ("apply", "skip"),
+        ("apply", 0.5),
+        ("apply", 0.0),
+        ("observe", "skip"),
+    ],
+)
+def test_fallback_when_alpha_is_undefined(trigger, mode, fallback):
+    build, curvature, status = UNDEFINED[trigger]
+    model = make_model()
+    probe = AlphaProbe(build(model), curvature=curvature, mode=mode, fallback=fallback)
+    for i, batch in enumerate(make_batches(3)):
+        theta0 = snapshot(probe)
+        state0 = copy.deepcopy(probe.inner.state_dict())
+        twin = twin_step(probe, model, batch)
+        probe.step(closure_for(probe, model, batch))
+        rec = probe.history[-1]
+        assert (rec.step, rec.status, rec.alpha, rec.mode) == (i, status, None, mode)
+        params = group_params(probe)
+        if mode == "observe" or fallback == "inner":
+            assert (rec.action, rec.applied) == ("inner", 1.0)
+            assert_same_optimizer(probe.inner, twin)
+        elif fallback == "skip":
+            assert (rec.action, rec.applied) == ("skip", 0.0)
+            assert all(torch.equal(p, t0) for p, t0 in zip(params, theta0))
+            after = probe.inner.state_dict()
+            assert after["state"].keys() == state0["state"].keys()
+            for k, s in state0["state"].items():
+                for key, value in s.items():
+                    assert_values_equal(after["state"][k][key], value, key)
+        else:
+            assert (rec.action, rec.applied) == ("fallback", fallback)
+            expected = expected_scaled(theta0, group_params(twin), fallback)
+            assert all(torch.equal(p, e) for p, e in zip(params, expected))
+            for p, q in zip(params, group_params(twin)):
+                for key, value in probe.state[p].items():
+                    assert_values_equal(value, twin.state[q][key], key)
+    assert probe.step_count == 3 and len(probe.history) == 3
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (2.0, 3.0, 2.0),  # α* below the bounds: raised to low
+        (0.0, 0.5, 0.5),  # α* above the bounds: cut to high
+        (0.5, 2.0, 1.0),  # inside: unchanged
+        (0.0, math.inf, 1.0),
+    ],
+)
+def test_bounds_clip_the_applied_alpha(low, high, expected):
+    """Bounds are given as multiples of this step's α*, measured on a copy first."""
+    batches = make_batches(3)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, weight_decay=1e-3)
+    # a few observe steps away from the initialisation
+    warm = AlphaProbe(opt, curvature="ggn")
+    for batch in batches[:2]:
+        warm.step(closure_for(warm, model, batch))
+    scout_model, scout_opt = copy.deepcopy((model, opt))
+    scout = AlphaProbe(scout_opt, curvature="ggn")
+    scout.step(closure_for(scout, scout_model, batches[2]))
+    alpha = scout.history[-1].alpha
+    assert alpha is not None and alpha > 0
+    bounds = (low * alpha, high * alpha)
+    probe = AlphaProbe(opt, curvature="ggn", mode="apply", bounds=bounds)
+    theta0 = snapshot(probe)
+    probe.step(closure_for(probe, model, batches[2]))
+    rec = probe.history[-1]
+    assert rec.alpha == pytest.approx(alpha, rel=1e-12)  # bounds do not alter α*
+    assert rec.applied == pytest.approx(expected * alpha, rel=1e-12)
+    assert low * alpha <= rec.applied <= high * alpha
+    theta1 = group_params(scout_opt)  # the inner step, bitwise
+    for p, e in zip(group_params(probe), expected_scaled(theta0, theta1, rec.applied)):
+        assert torch.equal(p, e)
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [(2.0, 1.0), (-1.0, 1.0), (math.nan, 1.0), (0.0, math.nan), (math.inf,) * 2],
+)
+def test_invalid_bounds_are_rejected(bounds):
+    with pytest.raises(ValueError, match="Invalid bounds"):
+        AlphaProbe(torch.optim.SGD(make_model().parameters(), lr=0.1), bounds=bounds)
+
+
+def test_mode_toggled_between_steps():
+    modes = ["observe", "apply", "apply", "observe", "apply", "observe"]
+    model = make_model()
+    probe = AlphaProbe(
+        torch.optim.Adam(model.parameters(), lr=1e-2), curvature="ggn", fallback=0.25
+    )
+    for i, (mode, batch) in enumerate(zip(modes, make_batches(len(modes)))):
+        probe.mode = mode
+        theta0 = snapshot(probe)
+        twin = twin_step(probe, model, batch)
+        probe.step(closure_for(probe, model, batch))
+        rec = probe.history[-1]
+        assert rec.mode == mode
+        if mode == "observe":
+            assert (rec.action, rec.applied) == ("inner", 1.0)
+            assert_same_optimizer(probe.inner, twin, f"step {i}")
+        else:
+            assert rec.action in ("alpha", "fallback")
+            assert rec.applied == (rec.alpha if rec.action == "alpha" else 0.25)
+            expected = expected_scaled(theta0, group_params(twin), rec.applied)
+            assert all(torch.equal(p, e) for p, e in zip(group_params(probe), expected))
+    with pytest.raises(ValueError, match="Invalid mode"):
+        probe.mode = "rescale"
+    assert probe.mode == modes[-1]
