@@ -17,3 +17,7 @@ class ClosureError(ProbeError):
 
 class CurvatureError(ProbeError):
     """A requested curvature cannot be computed for this model or loss."""
+
+
+class DistributedProbeError(ProbeError):
+    """Another process failed in this probe step, or the step's collective failed."""
