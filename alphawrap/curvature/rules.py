@@ -72,6 +72,16 @@ class BackpackRule:
     def param_jac(self, trace: Any, name: str, direction: Tensor) -> Tensor:
         return self._call(trace, f"{name}_jac_mat_prod", direction[None])
 
+    def param_cross(self, trace: Any, direction: Tensor, tangent_in: Tensor) -> Tensor:
+        """Mixed second derivative ``∂²z/∂x∂W [ẋ, ΔW]`` of a bilinear layer.
+
+        For modules linear in input and weight separately (Linear, Conv) it is the
+        weight Jacobian applied with the input replaced by its tangent.
+        """
+        inputs = (tangent_in[0], *trace.inputs[1:])
+        swapped = type(trace)(**{**vars(trace), "inputs": inputs})
+        return self._call(swapped, "weight_jac_mat_prod", direction[None])
+
     def loss_hessian_prod(self, trace: Any) -> Callable[[Tensor], Tensor]:
         """``mat ↦ ∇²ℓ mat`` for a loss module (stacked ``[V, *output]``)."""
         product = self._call(trace, "make_hessian_mat_prod")
@@ -89,6 +99,9 @@ class _Linear(BackpackRule):
 
     def jac(self, trace: Any, tangents: Tensor) -> Tensor:
         return tangents @ trace.module.weight.T
+
+    def param_cross(self, trace: Any, direction: Tensor, tangent_in: Tensor) -> Tensor:
+        return tangent_in @ direction.T
 
     def param_jac(self, trace: Any, name: str, direction: Tensor) -> Tensor:
         if name == "weight":
@@ -146,6 +159,15 @@ class _Sigmoid(_Elementwise):
     def d2f(self, y: Tensor) -> Tensor:
         return y * (1.0 - y) * (1.0 - 2.0 * y)
 
+
+CROSS_TERM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+)
+"""Parametrised modules bilinear in (input, weight): the exact Hessian's sweep
+supports these (others fall back to the model-replay path)."""
 
 FAST_RULES: dict[type[nn.Module], type[BackpackRule]] = {
     nn.Linear: _Linear,

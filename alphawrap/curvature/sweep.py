@@ -51,10 +51,11 @@ from torch import Tensor, nn
 
 from alphawrap.curvature.base import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import supported_modules
-from alphawrap.curvature.rules import BackpackRule, rule_for
+from alphawrap.curvature.rules import CROSS_TERM_MODULES, BackpackRule, rule_for
 from alphawrap.errors import CurvatureError
 
-KINDS: tuple[str, ...] = ("hessian", "ggn", "pch-clip", "pch-abs")
+BLOCK_KINDS: tuple[str, ...] = ("hessian", "ggn", "pch-clip", "pch-abs")
+EXACT_KINDS: tuple[str, ...] = ("ggn-exact", "hessian-exact")
 SAVEFIELD = "_alphawrap_sweep"
 
 
@@ -96,16 +97,22 @@ def _derivatives_by_module() -> dict[type[nn.Module], Any]:
 
 
 class Recorder(BackpropExtension):
-    """BackPACK extension that records the backward pass for :class:`TangentSweep`."""
+    """BackPACK extension that records the backward pass for :class:`TangentSweep`.
 
-    def __init__(self) -> None:
+    Args:
+        fail_mode: BackPACK's behaviour on a module it does not know: ``"ERROR"``
+            (the block curvatures need every module) or ``"SILENT"`` (the exact
+            curvatures only use the sweep opportunistically).
+    """
+
+    def __init__(self, fail_mode: str = "ERROR") -> None:
         super().__init__(
             savefield=SAVEFIELD,
             module_exts={
                 cls: _RecordModule(derivs)
                 for cls, derivs in _derivatives_by_module().items()
             },
-            fail_mode="ERROR",
+            fail_mode=fail_mode,
         )
         self.trace: list[_Trace] = []
 
@@ -138,6 +145,36 @@ class TangentSweep:
         self.recorder = Recorder()
         self._result: dict[str, Tensor] | None = None
         self._chain: list[_Trace] | None = None
+
+    def add(self, kind: str) -> None:
+        """Request ``kind``; the recorder fails on unknown modules only for blocks."""
+        if kind not in self.kinds:
+            self.kinds.append(kind)
+        strict = any(k in BLOCK_KINDS for k in self.kinds)
+        if self.recorder._fail_mode != ("ERROR" if strict else "SILENT"):
+            self.recorder = Recorder("ERROR" if strict else "SILENT")
+
+    def supports_exact(self, ctx: EvaluationContext) -> bool:
+        """Whether the recorded pass can serve the exact curvatures (else: func).
+
+        True for a chain of recorded modules that owns every reached parameter,
+        where every parametrised module is bilinear in input and weight (Linear,
+        Conv) if the exact Hessian is requested.
+        """
+        if self._result is not None:
+            return True
+        try:
+            _, layers = self.chain(ctx)
+        except CurvatureError:
+            return False
+        if "hessian-exact" not in self.kinds:
+            return True
+        index = {id(p) for i, p in enumerate(ctx.params) if i in ctx.reached}
+        return all(
+            type(t.module) in CROSS_TERM_MODULES
+            for t in layers
+            if any(id(p) in index for p in t.module.parameters(recurse=False))
+        )
 
     def reset(self) -> None:
         """Forget the recorded pass and the cached result."""
@@ -216,15 +253,32 @@ class TangentSweep:
         acc = ctx.accumulate_dtype
         index = {id(p): i for i, p in enumerate(ctx.params)}
         device = ctx.directions[0].device if ctx.directions else None
-        residual_kinds = [k for k in self.kinds if k != "ggn"]
+        blocks = [k for k in self.kinds if k in BLOCK_KINDS]
+        per_block = bool(blocks)  # else one slot: the total tangent J d
+        residual_kinds = [k for k in blocks if k != "ggn"]
+        exact_hessian = "hessian-exact" in self.kinds
         parts: dict[str, list[tuple[int, Tensor]]] = {k: [] for k in residual_kinds}
+        extra: list[Tensor] = []  # second-order terms of dᵀHd beyond the GGN
         tangents: Tensor | None = None
         slots: list[int] = []
         for trace in layers:
             rule = rule_for(trace.module, trace.derivatives, self.fast)
+            total_in = None
             if tangents is not None:
-                if residual_kinds and not rule.residual_is_zero(trace):
-                    self._residuals(trace, rule, tangents, parts, acc)
+                total_in = tangents.sum(0, keepdim=True) if per_block else tangents
+                if (residual_kinds or exact_hessian) and not rule.residual_is_zero(
+                    trace
+                ):
+                    self._residuals(
+                        trace,
+                        rule,
+                        tangents,
+                        total_in,
+                        parts,
+                        extra,
+                        exact_hessian,
+                        acc,
+                    )
                 tangents = rule.jac(trace, tangents)
             new = []
             for pname in ("weight", "bias"):
@@ -232,30 +286,59 @@ class TangentSweep:
                 i = index.get(id(p)) if isinstance(p, Tensor) else None
                 if i is None or i not in ctx.reached:
                     continue
-                new.append(rule.param_jac(trace, pname, ctx.directions[i]))
+                d = ctx.directions[i]
+                new.append(rule.param_jac(trace, pname, d))
                 slots.append(i)
+                if exact_hessian and total_in is not None and pname == "weight":
+                    # 2 δᵀ (Δθ ẋ): the layer is bilinear in its input and weight.
+                    cross = rule.param_cross(trace, d, total_in)
+                    extra.append(2 * torch.sum((trace.g_out[0] * cross[0]).to(acc)))
             if new:
-                tangents = torch.cat(new if tangents is None else [tangents, *new])
+                if per_block:
+                    tangents = torch.cat(new if tangents is None else [tangents, *new])
+                else:
+                    step = sum(new[1:], new[0])
+                    tangents = step if tangents is None else tangents + step
         result = {
-            k: torch.zeros(len(ctx.params), dtype=acc, device=device)
-            for k in self.kinds
+            k: torch.zeros(len(ctx.params), dtype=acc, device=device) for k in blocks
         }
+        result.update(
+            {
+                k: torch.zeros((), dtype=acc, device=device)
+                for k in self.kinds
+                if k in EXACT_KINDS
+            }
+        )
         if tangents is None:
             return result
-        loss_rule = rule_for(loss.module, loss.derivatives, fast=False)
-        h_prod = loss_rule.loss_hessian_prod(loss)
-        gauss_newton = _per_slot(tangents * h_prod(tangents), acc)
+        h_prod = rule_for(loss.module, loss.derivatives, fast=False).loss_hessian_prod(
+            loss
+        )
         # BackPACK's loss Hessian assumes the loss is the last operation; a scaled
         # loss (GradScaler: (s * loss).backward()) scales the residuals through δ,
         # so scale the Gauss-Newton part by the gradient flowing into the loss too.
-        if loss.g_out and loss.g_out[0] is not None:
-            gauss_newton = gauss_newton * loss.g_out[0].detach().to(acc).reshape(())
-        slot_index = torch.tensor(slots, device=device)
-        for k in self.kinds:
-            result[k].index_add_(0, slot_index, gauss_newton)
-        for k, contributions in parts.items():
-            for count, values in contributions:
-                result[k].index_add_(0, slot_index[:count], values)
+        scale = (
+            loss.g_out[0].detach().to(acc).reshape(())
+            if loss.g_out and loss.g_out[0] is not None
+            else 1.0
+        )
+        if blocks:
+            gauss_newton = _per_slot(tangents * h_prod(tangents), acc) * scale
+            slot_index = torch.tensor(slots, device=device)
+            for k in blocks:
+                result[k].index_add_(0, slot_index, gauss_newton)
+            for k, contributions in parts.items():
+                for count, values in contributions:
+                    result[k].index_add_(0, slot_index[:count], values)
+        if any(k in EXACT_KINDS for k in self.kinds):
+            total = tangents.sum(0, keepdim=True) if per_block else tangents
+            ggn_exact = torch.sum((total * h_prod(total)).to(acc)) * scale
+            if "ggn-exact" in result:
+                result["ggn-exact"] = ggn_exact
+            if exact_hessian:
+                result["hessian-exact"] = ggn_exact + sum(
+                    extra, torch.zeros_like(ggn_exact)
+                )
         return result
 
     @staticmethod
@@ -263,23 +346,32 @@ class TangentSweep:
         trace: _Trace,
         rule: BackpackRule,
         tangents: Tensor,
+        total: Tensor,
         parts: dict[str, list[tuple[int, Tensor]]],
+        extra: list[Tensor],
+        exact_hessian: bool,
         acc: torch.dtype,
     ) -> None:
-        """Add ``ẋᵀ modify(R) ẋ`` of one module for every slot alive there."""
+        """Add ``ẋᵀ modify(R) ẋ`` of one module for every slot alive there.
+
+        For the exact Hessian, ``ẋ`` is the total tangent ``total``.
+        """
         count = tangents.shape[0]
         r = rule.residual_diagonal(trace)
         if r is not None:
-            squares = tangents * tangents
-            for k in parts:
-                modified = (
-                    r
-                    if k == "hessian"
-                    else r.clamp(min=0)
-                    if k == "pch-clip"
-                    else r.abs()
-                )
-                parts[k].append((count, _per_slot(squares * modified, acc)))
+            if parts:
+                squares = tangents * tangents
+                for k in parts:
+                    modified = (
+                        r
+                        if k == "hessian"
+                        else r.clamp(min=0)
+                        if k == "pch-clip"
+                        else r.abs()
+                    )
+                    parts[k].append((count, _per_slot(squares * modified, acc)))
+            if exact_hessian:
+                extra.append(torch.sum((total * total * r).to(acc)))
             return
         if any(k != "hessian" for k in parts):
             raise CurvatureError(
@@ -287,8 +379,13 @@ class TangentSweep:
                 f"modules; {type(trace.module).__name__} has a non-diagonal second "
                 "derivative. Use 'hessian' or 'ggn' for this model."
             )
-        product = rule.residual_mat_prod(trace, tangents)
-        parts["hessian"].append((count, _per_slot(tangents * product, acc)))
+        if parts:
+            product = rule.residual_mat_prod(trace, tangents)
+            parts["hessian"].append((count, _per_slot(tangents * product, acc)))
+        if exact_hessian:
+            extra.append(
+                torch.sum((total * rule.residual_mat_prod(trace, total)).to(acc))
+            )
 
 
 class SweepCurvature(Curvature):
@@ -307,8 +404,7 @@ class SweepCurvature(Curvature):
 
     def __init__(self, engine: TangentSweep | None = None) -> None:
         self.engine = engine if engine is not None else TangentSweep()
-        if self.kind not in self.engine.kinds:
-            self.engine.kinds.append(self.kind)
+        self.engine.add(self.kind)
 
     def backpack_extensions(self) -> list[Any]:
         # Only the engine's first curvature activates the recorder.
@@ -372,4 +468,4 @@ def share_engine(curvatures: Sequence[Curvature], fast: bool = True) -> None:
     engine = TangentSweep(fast=fast)
     for c in sweeps:
         c.engine = engine
-        engine.kinds.append(c.kind)
+        engine.add(c.kind)
