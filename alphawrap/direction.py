@@ -143,4 +143,6 @@ class StepTransaction:
             else:
                 state.pop(p, None)
         for g, saved in zip(self._optimizer.param_groups, self._group_settings):
+            for key in [k for k in g if k != "params" and k not in saved]:
+                del g[key]  # a key the failed step added
             g.update(saved)
