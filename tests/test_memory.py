@@ -73,6 +73,24 @@ def _footprint() -> tuple[collections.Counter, int]:
     return counts, sum(map(sys.getsizeof, objects))
 
 
+def _deep_size(root: object) -> int:
+    """Total shallow size of everything reachable from ``root`` (not types/modules).
+
+    Scoped to the probe, so that other tests' background threads (TensorBoard
+    writers, Lightning) cannot move the number in a full suite run.
+    """
+    seen: set[int] = set()
+    stack, total = [root], 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, type(sys), type(_setup))):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        stack.extend(gc.get_referents(obj))
+    return total
+
+
 def _growth(before: collections.Counter, after: collections.Counter) -> dict:
     return {k: after[k] - before[k] for k in before | after if after[k] != before[k]}
 
@@ -99,11 +117,13 @@ def _rss_bytes() -> int | None:
 def test_memory_stays_flat_over_many_steps():
     _, probe, step = _setup()
     _warm_up(step)
-    counts_before, size_before = _footprint()
+    counts_before, _ = _footprint()
+    size_before = _deep_size(probe)
     rss_before = _rss_bytes()
     for i in range(WARMUP, WARMUP + STEPS):
         step(i)
-    counts_after, size_after = _footprint()
+    counts_after, _ = _footprint()
+    size_after = _deep_size(probe)
     rss_after = _rss_bytes()
 
     assert len(probe.history) == 16

@@ -12,6 +12,9 @@ from alphawrap.curvature.blockdiag import (
     PCHAbs,
     PCHClip,
 )
+from alphawrap.curvature.diagonal import DiagonalGGN, DiagonalGGNMC, DiagonalHessian
+from alphawrap.curvature.exact import ExactGGN, ExactHessian
+from alphawrap.curvature.kronecker import KFACCurvature, KFLRCurvature, KFRACurvature
 from alphawrap.curvature.sweep import (
     SweepCurvature,
     SweepGGN,
@@ -22,7 +25,21 @@ from alphawrap.curvature.sweep import (
 )
 
 REGISTRY: dict[str, type[Curvature]] = {
-    cls.name: cls for cls in (SweepHessian, SweepGGN, SweepPCHClip, SweepPCHAbs)
+    cls.name: cls
+    for cls in (
+        SweepHessian,
+        SweepGGN,
+        SweepPCHClip,
+        SweepPCHAbs,
+        ExactGGN,
+        ExactHessian,
+        DiagonalHessian,
+        DiagonalGGN,
+        DiagonalGGNMC,
+        KFACCurvature,
+        KFLRCurvature,
+        KFRACurvature,
+    )
 }
 """All curvature backends by name, in the order the README lists them."""
 
@@ -60,7 +77,15 @@ __all__ = [
     "BlockGGN",
     "BlockHessian",
     "Curvature",
+    "DiagonalGGN",
+    "DiagonalGGNMC",
+    "DiagonalHessian",
     "EvaluationContext",
+    "ExactGGN",
+    "ExactHessian",
+    "KFACCurvature",
+    "KFLRCurvature",
+    "KFRACurvature",
     "PCHAbs",
     "PCHClip",
     "SweepCurvature",

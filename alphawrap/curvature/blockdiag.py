@@ -254,18 +254,30 @@ def translate_backpack_error(
         culprit = next(
             (c for c in block if _savefield(c) and _savefield(c) in text), block[0]
         )
+        from alphawrap.curvature.extension import unsupported_module_hint
+
         return CurvatureError(
             f"Curvature {culprit.name!r} ({culprit.description}) cannot handle "
             f"module {module}. Supported modules: "
-            f"{', '.join(culprit.supported_modules())}.{other}"
+            f"{', '.join(culprit.supported_modules())}."
+            f"{unsupported_module_hint(match.group(1))}{other}"
         )
     if _NO_BACKPROPED in text:
+        at = re.search(r"Module: (.*?), Extension", text, re.S)
+        where = (
+            f" (BackPACK found nothing to propagate at module {at.group(1)}: an "
+            "operation BackPACK cannot see, such as a residual `+` or a functional "
+            "call, may also sit between that module and the loss)"
+            if at
+            else ""
+        )
         return CurvatureError(
             f"BackPACK got no curvature from the loss for {names}: the loss function "
             "is not extended or is computed functionally. Use a loss module "
             "extended with BackPACK, e.g. `loss_fn = backpack.extend("
             "torch.nn.CrossEntropyLoss())` (MSELoss and CrossEntropyLoss are "
-            f"supported), and make it the last operation of the closure.{other}"
+            f"supported), and make it the last operation of the closure{where}."
+            f"{other}"
         )
     if isinstance(error, NotImplementedError) and (
         "ignore_index" in text or "weight" in text
@@ -274,4 +286,19 @@ def translate_backpack_error(
             f"BackPACK cannot compute {names} for this loss: {text}. Use "
             f"CrossEntropyLoss without class weights or ignore_index.{other}"
         )
+    if isinstance(
+        error, (NotImplementedError, ValueError, AssertionError)
+    ) and _raised_in_backpack(error):
+        return CurvatureError(
+            f"BackPACK cannot compute {names} for this model: {text}{other}"
+        )
     return None
+
+
+def _raised_in_backpack(error: BaseException) -> bool:
+    tb = error.__traceback__
+    while tb is not None:
+        if "/backpack/" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False

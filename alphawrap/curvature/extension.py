@@ -1,0 +1,208 @@
+r"""Template for curvatures that a BackPACK extension stores on each parameter.
+
+The diagonal (:mod:`alphawrap.curvature.diagonal`) and Kronecker-factored
+(:mod:`alphawrap.curvature.kronecker`) curvatures follow one pattern: activate a
+BackPACK extension during the closure's backward pass, find its result on every
+parameter under a private attribute (:attr:`BackpackCurvature.savefield`), turn
+it into the block quadratic :math:`d_b^\top C_{bb} d_b`, and delete it.
+
+They need what BackPACK supports: an ``extend``-ed model made of the modules the
+extension knows, with a BackPACK loss module as the last operation. Unknown
+modules fail inside the backward pass; the probe turns that into a
+:class:`~alphawrap.errors.CurvatureError` and changes nothing.
+
+The Monte-Carlo extensions (``DiagGGNMC``, ``KFAC``) draw random numbers in the
+loss module's backward. :func:`private_randomness` makes them draw from a
+seeded stream of their own (``torch.random.fork_rng``), so that probing does not
+shift the training's random stream (dropout masks, data order): observe mode
+stays bitwise identical to the unwrapped optimizer.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from backpack.extensions.backprop_extension import BackpropExtension
+from torch import Tensor, nn
+
+from alphawrap.curvature.base import Curvature, EvaluationContext
+from alphawrap.errors import CurvatureError
+
+_LOSS_MODULES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+
+
+def module_names(extension: BackpropExtension) -> list[str]:
+    """Names of the module classes a BackPACK extension handles."""
+    mapping = getattr(extension, "_BackpropExtension__module_extensions", {})
+    return sorted(cls.__name__ for cls in mapping)
+
+
+class _SeededModuleExtension:
+    """Runs a loss module's extension under a private, seeded random stream."""
+
+    def __init__(self, inner: Any, next_seed: Callable[[], int]) -> None:
+        self.inner = inner
+        self.next_seed = next_seed
+
+    def __call__(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any) -> None:
+        device = module.input0.device
+        devices = [device] if device.type == "cuda" else []
+        validate = torch.distributions.Distribution._validate_args
+        with torch.random.fork_rng(devices=devices):
+            seed = self.next_seed()
+            torch.random.default_generator.manual_seed(seed)
+            if devices:
+                torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+            # BackPACK samples from a Categorical of softmax probabilities; their
+            # validation would cost device syncs for nothing.
+            torch.distributions.Distribution.set_default_validate_args(False)
+            try:
+                self.inner(ext, module, g_inp, g_out)
+            finally:
+                torch.distributions.Distribution.set_default_validate_args(validate)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def private_randomness(
+    extension: BackpropExtension, next_seed: Callable[[], int]
+) -> BackpropExtension:
+    """Make the loss modules of a Monte-Carlo extension draw from seeded streams."""
+    mapping = getattr(extension, "_BackpropExtension__module_extensions", {})
+    for module_cls in _LOSS_MODULES:
+        inner = mapping.get(module_cls)
+        if inner is not None:
+            extension.set_module_extension(
+                module_cls, _SeededModuleExtension(inner, next_seed), overwrite=True
+            )
+    return extension
+
+
+class BackpackCurvature(Curvature):
+    """Template: block quadratics from a quantity a BackPACK extension stores.
+
+    Subclasses set :attr:`savefield` (a private attribute name, not a prefix of
+    another backend's), implement :meth:`make_extension` (return the extension
+    saving there) and :meth:`block_quadratic`.
+    """
+
+    blockwise = True
+    needs_backpack_modules = True
+    savefield: ClassVar[str]
+
+    @abstractmethod
+    def make_extension(self) -> BackpropExtension:
+        """Return a fresh BackPACK extension saving to :attr:`savefield`."""
+
+    @abstractmethod
+    def block_quadratic(
+        self, stored: Any, direction: Tensor, dtype: torch.dtype
+    ) -> Tensor:
+        """``d_bᵀ C_bb d_b`` from what the extension stored on the parameter."""
+
+    def supported_modules(self) -> list[str]:
+        """Module classes the BackPACK extension handles."""
+        return module_names(self.make_extension())
+
+    def backpack_extensions(self) -> list[Any]:
+        """BackPACK extensions to activate during the closure's backward pass."""
+        return [self.make_extension()]
+
+    def check_backward(self, ctx: EvaluationContext) -> None:
+        """Fail right after the backward pass if evaluation cannot work."""
+        missing = [
+            ctx.names[i]
+            for i in sorted(ctx.reached)
+            if not hasattr(ctx.params[i], self.savefield)
+        ]
+        if missing:
+            raise CurvatureError(
+                f"Curvature {self.name!r} ({self.description}) got no BackPACK "
+                f"quantity for parameter(s) {', '.join(missing)}, although the "
+                "backward pass reached them. Either the model is not extended "
+                "(use `model = backpack.extend(model)` before creating the "
+                "optimizer) or these parameters are used outside a module BackPACK "
+                "sees (functional calls, parameters of a custom module). Supported "
+                f"modules: {', '.join(self.supported_modules())}. The exact "
+                "curvatures 'ggn-exact' and 'hessian-exact' work on any model."
+            )
+
+    def quadratic(self, ctx: EvaluationContext) -> Tensor:
+        """Return ``dᵀCd`` (see :class:`~alphawrap.curvature.base.Curvature`)."""
+        acc = ctx.accumulate_dtype
+        values = []
+        for i, (p, d) in enumerate(zip(ctx.params, ctx.directions)):
+            if i not in ctx.reached:
+                # The loss does not depend on this block: its curvature is zero.
+                values.append(torch.zeros((), dtype=acc, device=d.device))
+                continue
+            values.append(self.block_quadratic(getattr(p, self.savefield), d, acc))
+        return torch.stack(values)
+
+    def cleanup(self, params: Sequence[Tensor]) -> None:
+        """Drop what the backward pass stored on the parameters."""
+        for p in params:
+            if hasattr(p, self.savefield):
+                delattr(p, self.savefield)
+
+
+class SeededMixin:
+    """Seed counter for the Monte-Carlo backends (one draw per backward pass).
+
+    Args:
+        seed: Seed of the stream; draw ``k`` uses ``hash((seed, k))``.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+        self.draws = 0
+
+    def next_seed(self) -> int:
+        """Seed of the next draw."""
+        seed = hash((self.seed, self.draws)) & (2**63 - 1)
+        self.draws += 1
+        return seed
+
+
+def unsupported_module_hint(qualified: str) -> str:
+    """Extra sentences for "BackPACK cannot handle module ``qualified``".
+
+    Says what kind of module it is (a custom container's forward, a residual
+    branch) and which registered curvatures can handle that module class.
+    """
+    from alphawrap.curvature import REGISTRY  # late: the registry imports us
+
+    module = qualified.rsplit(".", 1)[-1]
+    hint = ""
+    if module == "SumModule":
+        hint = (
+            f" {module} is a residual connection (a branch `x + f(x)` that "
+            "use_converter=True turned into a module)."
+        )
+    elif not qualified.startswith(("torch.", "backpack.")):
+        hint = (
+            f" {module} is a custom module: BackPACK only sees its known submodules "
+            "applied one after the other, not what its forward does in between "
+            "(residual additions, functional calls such as F.gelu or "
+            "F.layer_norm)."
+        )
+    handling = []
+    for name, cls in REGISTRY.items():
+        if not cls.needs_backpack_modules:
+            continue
+        try:
+            if module in cls().supported_modules():
+                handling.append(name)
+        except Exception:
+            continue
+    if handling:
+        hint += (
+            f" Curvatures whose BackPACK extension handles {module}: "
+            + ", ".join(map(repr, handling))
+            + "."
+        )
+    return hint
