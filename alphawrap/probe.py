@@ -18,8 +18,11 @@ Any exception during 1–5 restores parameters, gradients, inner state and histo
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,17 +33,31 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from alphawrap import curvature as curvature_registry
+from alphawrap.batch import BatchRecorder, RecordingLoss, is_overridable
+from alphawrap.blocks import BlockBreakdown
 from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
 from alphawrap.direction import BackwardMonitor, GradBackup, StepTransaction
 from alphawrap.distributed import DistributedReducer
 from alphawrap.errors import ClosureError, ProbeError
 from alphawrap.history import History, ProbeRecord
-from alphawrap.quadratic import Status, clip_to_bounds, optimal_step
+from alphawrap.noise import GradientNoise
+from alphawrap.quadratic import (
+    Status,
+    adapt_damping,
+    clip_to_bounds,
+    damped_curvature,
+    optimal_step,
+    predicted_change,
+    reduction_ratio,
+    secant_curvature,
+    smooth_log_alpha,
+)
+from alphawrap.truth import BatchObjective, line_search
 
 Mode = Literal["observe", "apply"]
 MODES: tuple[str, ...] = ("observe", "apply")
-FALLBACKS: tuple[str, ...] = ("inner", "skip")
+FALLBACKS: tuple[str, ...] = ("inner", "skip", "last")
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "inner")
 STATE_KEY = "alphawrap"
 STATE_FORMAT = 1
@@ -102,6 +119,132 @@ class _Pending:
     reached: set[int]
     backup: GradBackup
     loss_scale: Any = None
+    batch: Any = None  # alphawrap.batch.RecordedBatch, for the exact curvatures
+
+
+@dataclass(frozen=True)
+class _ApplyOptions:
+    """The truth check, ρ and the apply-mode options, validated (see AlphaProbe)."""
+
+    truth_every: int | None = None
+    track_rho: bool = False
+    smoothing: float = 0.0
+    damping: float = 0.0
+    adaptive_damping: bool = False
+    damping_factor: float = 1.5
+    reuse_alpha: bool = False
+
+    DAMPING_BOUNDS = (1e-8, 1e8)  # ClassVar: range of the adaptive λ
+
+    @classmethod
+    def validate(cls, *, model: Any, loss_fn: Any, **options: Any) -> _ApplyOptions:
+        every = options["truth_every"]
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ValueError(
+                f"Invalid truth_every {every!r}: need None (off) or an int >= 1 "
+                "(run the line search on probed steps whose index is a multiple)."
+            )
+        for name in ("track_rho", "adaptive_damping", "reuse_alpha"):
+            if not isinstance(options[name], bool):
+                raise TypeError(f"{name} must be True or False, got {options[name]!r}.")
+        smoothing = options["smoothing"]
+        if isinstance(smoothing, bool) or not (
+            isinstance(smoothing, (int, float)) and 0.0 <= smoothing < 1.0
+        ):
+            raise ValueError(
+                f"Invalid smoothing {smoothing!r}: need a number in [0, 1) (the EMA "
+                "factor β of ln α; 0: no smoothing)."
+            )
+        damping = options["damping"]
+        if isinstance(damping, bool) or not (
+            isinstance(damping, (int, float))
+            and math.isfinite(damping)
+            and damping >= 0
+        ):
+            raise ValueError(
+                f"Invalid damping {damping!r}: need a finite number >= 0 (λ in "
+                "dᵀCd + λ‖d‖²)."
+            )
+        factor = options["damping_factor"]
+        if isinstance(factor, bool) or not (
+            isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1
+        ):
+            raise ValueError(
+                f"Invalid damping_factor {factor!r}: need a finite number > 1 (ω of "
+                "the Levenberg-Marquardt rule)."
+            )
+        wanted = [
+            name
+            for name, on in (
+                (f"truth_every={every}", every is not None),
+                ("track_rho=True", options["track_rho"]),
+                ("adaptive_damping=True", options["adaptive_damping"]),
+            )
+            if on
+        ]
+        if wanted and (model is None or loss_fn is None):
+            missing = " and ".join(
+                name
+                for name, value in (("model=", model), ("loss_fn=", loss_fn))
+                if value is None
+            )
+            raise TypeError(
+                f"{', '.join(wanted)} re-evaluates the mini-batch loss along the "
+                f"update, so AlphaProbe needs {missing}: AlphaProbe(optimizer, "
+                "model=model, loss_fn=loss_fn, ...), where the closure computes "
+                "loss_fn(model(inputs), targets) once (loss_fn: a loss module, a "
+                "torch.nn.functional function such as F.cross_entropy, or any "
+                "callable that the closure then calls as probe.loss_fn(output, "
+                "targets))."
+            )
+        if options["adaptive_damping"]:
+            damping = max(float(damping), cls.DAMPING_BOUNDS[0])
+        return cls(
+            truth_every=every,
+            track_rho=options["track_rho"],
+            smoothing=float(smoothing),
+            damping=float(damping),
+            adaptive_damping=options["adaptive_damping"],
+            damping_factor=float(factor),
+            reuse_alpha=options["reuse_alpha"],
+        )
+
+    def truth_due(self, step: int) -> bool:
+        return self.truth_every is not None and step % self.truth_every == 0
+
+    @property
+    def rho_needed(self) -> bool:
+        return self.track_rho or self.adaptive_damping
+
+
+@dataclass(frozen=True)
+class _ApplyState:
+    """What apply mode carries from step to step (saved in the state dict)."""
+
+    damping: float = 0.0
+    log_alpha: float | None = None  # EMA of ln α (smoothing)
+    last_alpha: float | None = None  # last multiplier applied from a defined α
+
+    def to_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> _ApplyState:
+        if not isinstance(data, dict):
+            raise ValueError(f"apply state must be a dict, got {type(data).__name__}")
+        values = {}
+        for key in ("damping", "log_alpha", "last_alpha"):
+            value = data.get(key)
+            if value is not None:
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError(f"apply state {key}={value} is not finite")
+            values[key] = value
+        if values["damping"] is None or values["damping"] < 0:
+            raise ValueError(f"apply state damping={values['damping']} is not >= 0")
+        return cls(**values)
 
 
 class Capture:
@@ -119,6 +262,7 @@ class Capture:
     def __enter__(self) -> Capture:
         self._probe._pending = None
         self._session = self._probe._closure_session()
+        self._session.label = "the capture() block"
         self._session.__enter__()
         return self
 
@@ -136,6 +280,7 @@ class _ClosureSession:
         self.probe = probe
         self.params = probe._params()
         self.probing = probe._will_probe()
+        self.label = "the closure"
 
     def __enter__(self) -> _ClosureSession:
         self.backup = GradBackup(self.params)
@@ -146,16 +291,33 @@ class _ClosureSession:
             if self.probing
             else []
         )
-        self._backpack = backpack(*extensions)
+        if self.probing and self.probe._noise is not None:
+            extensions += self.probe._noise.backpack_extensions()
+        # No extension (exact curvatures only, unprobed steps): no BackPACK context,
+        # so models with modules BackPACK does not know run untouched.
+        self._backpack = (
+            backpack(*extensions) if extensions else contextlib.nullcontext()
+        )
         self._backpack.__enter__()
+        self._recordings = contextlib.ExitStack()
+        if self.probing:
+            for c in self.probe._curvatures:
+                self._recordings.enter_context(c.recording())
+        self.recorder = self.probe._batch_recorder() if self.probing else None
+        if self.recorder is not None:
+            self.recorder.__enter__()
         return self
 
     def _close(self) -> None:
+        self._recordings.close()
+        if self.recorder is not None:
+            self.recorder.__exit__(None, None, None)
         self._backpack.__exit__(None, None, None)
         self.monitor.__exit__(None, None, None)
 
     def fail(self, error: BaseException) -> BaseException:
         """Undo what the user code did and return the error to raise."""
+        self.probe._distributed.explain(error)  # e.g. DDP's all_reduce timed out
         self.backup.restore()
         self.probe._cleanup(self.params)
         translated = (
@@ -168,11 +330,9 @@ class _ClosureSession:
         if translated is not None:
             translated.__cause__ = error
             return translated
-        if hasattr(error, "add_note") and not isinstance(error, ProbeError):
-            error.add_note(
-                "alphawrap: raised inside the closure of a probe step; parameters, "
-                "gradients, optimizer state and history are unchanged."
-            )
+        if not isinstance(error, ProbeError):
+            when = "after" if self.monitor.reached else "before"
+            _note(error, f"{self.label} raised {when} backward()")
         return error
 
     def finish(
@@ -182,6 +342,7 @@ class _ClosureSession:
         self._close()
         if exc is not None:
             raise self.fail(exc)
+        batch = None
         try:
             loss_tensor = self.probe._check_loss(
                 loss, require_loss, backward_ran=bool(self.monitor.reached)
@@ -199,9 +360,15 @@ class _ClosureSession:
                         "nn.Embedding(sparse=False))."
                     )
             if self.probing:
-                ctx = self.probe._context(self.params, [], self.monitor.reached)
+                if self.recorder is not None:
+                    batch = self.recorder.batch(loss_tensor)
+                ctx = self.probe._context(
+                    self.params, [], self.monitor.reached, batch=batch
+                )
                 for c in self.probe._curvatures:
                     c.check_backward(ctx)
+                if self.probe._noise is not None:
+                    self.probe._noise.check_backward(ctx)
         except BaseException as error:
             if self.probing and self.monitor.reached:
                 # Backward ran (and DDP's gradient all_reduce with it): the other
@@ -209,7 +376,9 @@ class _ClosureSession:
                 self.probe._distributed.start_step()
                 self.probe._distributed.abort(error)
             raise self.fail(error) from None
-        return _Pending(loss_tensor, set(self.monitor.reached), self.backup)
+        return _Pending(
+            loss_tensor, set(self.monitor.reached), self.backup, batch=batch
+        )
 
 
 class AlphaProbe(Optimizer):
@@ -223,6 +392,14 @@ class AlphaProbe(Optimizer):
 
     for every requested curvature :math:`C`, from a single backward pass.
 
+    A probed step is all or nothing: if anything in it raises (the closure, the
+    inner optimizer's step, a curvature, writing the record; ``KeyboardInterrupt``
+    too), parameters, gradients, the inner optimizer's state and the history are
+    restored bit for bit, and the exception propagates with its own type and a
+    note (``add_note``) that names the stage that failed. Parameters may mix
+    floating dtypes (the step's scalars accumulate in the promoted dtype, at
+    least float32); they must all live on one device.
+
     Args:
         optimizer: The inner optimizer instance (any ``torch.optim.Optimizer``
             that takes a plain ``step()``; LBFGS and SparseAdam are refused).
@@ -235,18 +412,30 @@ class AlphaProbe(Optimizer):
             (not a descent direction, non-positive curvature, ``d = 0``):
             ``"inner"`` (default) takes the inner step unchanged, ``"skip"`` takes
             no step (parameters and inner state stay as before), a number ``c``
-            takes ``θ₀ + c·d``.
+            takes ``θ₀ + c·d``, ``"last"`` takes the last multiplier applied
+            from a defined ``α`` (the inner step while there is none).
         on_nonfinite: What apply mode does when loss, gradient, direction or
-            curvature is NaN/inf: ``"skip"`` (default; no step, inner state
-            restored) or ``"inner"`` (take the inner step anyway). Observe mode
-            always takes the inner step, exactly as the unwrapped optimizer.
+            curvature is NaN/inf, or when ``θ₀ + α d`` would overflow the
+            parameters' dtype: ``"skip"`` (default; no step, parameters and inner
+            state restored) or ``"inner"`` (take the inner step anyway). Either
+            way the record's status is ``"non-finite"``, and apply mode writes
+            NaN or inf into a parameter only where the inner step itself does
+            (``"inner"``). Observe mode always takes the inner step, exactly as
+            the unwrapped optimizer.
         bounds: Optional ``(low, high)`` clipping of the applied ``α``.
         interval: Probe every ``interval``-th step (1: every step). Steps in
             between run the closure without BackPACK and take the plain inner
             step; they are counted in :attr:`step_count` but not recorded.
+            They take no snapshot, so unlike probed steps an exception in them
+            is not rolled back (exactly as with the unwrapped optimizer).
         history_size: Keep at most this many records (``None``: all).
         model: Optional model whose ``named_parameters()`` name the parameters in
-            error messages.
+            error messages and records. Required (with ``loss_fn``) by the exact
+            curvatures ``"ggn-exact"`` and ``"hessian-exact"``: the probe then
+            records, during the closure, the arguments of the one call of
+            ``model`` and of ``loss_fn`` (hooks; nothing is computed twice) and
+            replays ``loss_fn(model(...))`` at ``θ₀`` along ``d`` (see
+            :mod:`alphawrap.batch`). Pass the module itself, not a DDP wrapper.
         distributed: Under ``torch.distributed`` (DDP), combine the per-process
             loss and curvature with one ``all_reduce`` per probed step so every
             process gets the same ``α*`` (see :mod:`alphawrap.distributed`).
@@ -254,6 +443,64 @@ class AlphaProbe(Optimizer):
             process is initialised; ``False``: never; ``True``: require it; or a
             :class:`~alphawrap.distributed.DistributedReducer` for more options.
         process_group: The process group to reduce over (``None``: the default).
+        loss_fn: The loss the closure applies to the model's output: an
+            ``nn.Module`` (e.g. ``nn.CrossEntropyLoss()``), a ``torch`` /
+            ``torch.nn.functional`` function (e.g. ``F.cross_entropy``; its calls
+            are seen however the closure refers to it) or any callable the
+            closure then calls as ``probe.loss_fn(output, target)``. Needed by
+            the exact curvatures only.
+        per_block: Also record ``dᵀg``, ``dᵀCd`` and ``α*`` per parameter and
+            per parameter group, for every block curvature, in
+            ``record.extra["blocks"]`` and ``record.extra["groups"]`` (see
+            :mod:`alphawrap.blocks`).
+        noise: Also record the mini-batch standard error of ``dᵀg`` and ``α*``
+            from BackPACK's per-sample gradients in ``record.extra["noise"]``
+            (see :mod:`alphawrap.noise`); needs a BackPACK-extended model.
+        truth_every: Line-search truth (default ``None``: off). On probed steps
+            whose index is a multiple of ``truth_every``, find the minimiser
+            ``α_line`` of ``h(α) = L(θ₀ + α d)`` on the step's own batch
+            (bracketing on a log₂ grid, golden-section search to 0.1 % in
+            ``α``, one parabolic step: :func:`alphawrap.truth.line_search`,
+            about 20-35 forward passes) and record ``extra["alpha_line"]``,
+            ``"loss_line"`` (``h(α_line)``), ``"loss_line0"`` (``h(0)``),
+            ``"line_status"`` (``"ok"``, ``"no-decrease"``, ``"unbounded"``,
+            ``"non-finite"``) and ``"line_evaluations"``. Needs ``model=`` and
+            ``loss_fn=``. Evaluated with ``torch.func.functional_call`` under
+            ``torch.no_grad()``: parameters, gradients, optimizer state,
+            BatchNorm statistics, random state and BackPACK's stored quantities
+            stay as they were (observe mode stays bitwise identical to the
+            unwrapped optimizer).
+        track_rho: Model quality after the fact (default ``False``): one forward
+            pass at the parameters taken, ``θ₀ + t d``, gives
+            ``extra["rho"]`` = actual / predicted change of the loss (the
+            quadratic model of the primary curvature, undamped, for the ``t``
+            taken; ``None`` where it predicts no decrease), ``"loss_new"``,
+            ``"loss_change"``, ``"predicted_change"``, the secant curvature
+            ``"curvature_secant"`` = ``2 (L(θ₀+td) − L(θ₀) − t dᵀg) / t²`` and
+            its ``"alpha_secant"``. Needs ``model=`` and ``loss_fn=``; ``L(θ₀)``
+            is the closure's loss, so the closure should return
+            ``loss_fn(model(x), y)`` itself.
+        smoothing: Apply mode: factor ``β`` of an exponential moving average
+            of ``ln α`` over the probed steps where ``α`` is defined; the
+            multiplier applied is ``exp`` of it, recorded as
+            ``extra["alpha_smoothed"]`` (default ``0.0``: no smoothing).
+        damping: Apply mode: ``λ`` in ``α = −dᵀg / (dᵀCd + λ‖d‖²)``, the
+            Levenberg-Marquardt damping of the primary curvature (default
+            ``0.0``); the initial value when ``adaptive_damping``. Recorded as
+            ``extra["damping"]``, the damped ``α`` as ``"alpha_damped"``.
+        adaptive_damping: Apply mode: adapt ``λ`` after every probed step from
+            ``ρ`` (K-FAC's rule: ``λ ← ω λ`` if ``ρ < 1/4``, ``λ ← λ / ω`` if
+            ``ρ > 3/4``, within ``[1e-8, 1e8]``); computes ``ρ`` (one forward
+            pass) even without ``track_rho``; needs ``model=`` and ``loss_fn=``
+            (default ``False``).
+        damping_factor: ``ω > 1`` of the adaptive rule (default ``1.5``).
+        reuse_alpha: Apply mode with ``interval > 1``: the steps between probes
+            take ``θ₀ + α_last d``, the last multiplier applied from a defined
+            ``α`` (default ``True``); ``False``: the plain inner step.
+
+        Order in apply mode: damping, then smoothing, then ``bounds``; an
+        undefined result takes ``fallback``. :attr:`apply_state` holds ``λ``,
+        the smoothed and the last ``α``; :meth:`state_dict` saves them.
 
     Example:
         >>> import torch
@@ -286,9 +533,26 @@ class AlphaProbe(Optimizer):
         model: nn.Module | None = None,
         distributed: bool | DistributedReducer | None = None,
         process_group: Any = None,
+        loss_fn: Callable[..., Tensor] | None = None,
+        per_block: bool = False,
+        noise: bool = False,
+        truth_every: int | None = None,
+        track_rho: bool = False,
+        smoothing: float = 0.0,
+        damping: float = 0.0,
+        adaptive_damping: bool = False,
+        damping_factor: float = 1.5,
+        reuse_alpha: bool = False,
     ) -> None:
         _check_inner(optimizer)
         self._curvatures: list[Curvature] = curvature_registry.resolve(curvature)
+        self._model, self._loss_fn = _check_model_and_loss(
+            self._curvatures, model, loss_fn
+        )
+        for c in self._curvatures:
+            c.bind(self._model, self._loss_fn)
+        self.per_block = bool(per_block)
+        self._noise = GradientNoise(model) if noise else None
         self.inner = optimizer
         self.mode = mode
         self.fallback = _validate_fallback(fallback)
@@ -302,6 +566,15 @@ class AlphaProbe(Optimizer):
             raise ValueError(f"Invalid interval {interval!r}: need an int >= 1.")
         self.interval = interval
         self._distributed = DistributedReducer.from_option(distributed, process_group)
+        if history_size is not None and (
+            isinstance(history_size, bool)
+            or not isinstance(history_size, int)
+            or history_size < 1
+        ):
+            raise ValueError(
+                f"Invalid history_size {history_size!r}: need an int >= 1 or None "
+                "(keep every record)."
+            )
         self.history = History(maxlen=history_size)
         self._param_names: dict[int, str] = (
             {id(p): n for n, p in model.named_parameters()} if model is not None else {}
@@ -309,14 +582,28 @@ class AlphaProbe(Optimizer):
         self._step_count = 0
         self._pending: _Pending | None = None
         self._record_callbacks: list[Callable[[ProbeRecord], None]] = []
+        self._options = _ApplyOptions.validate(
+            truth_every=truth_every,
+            track_rho=track_rho,
+            smoothing=smoothing,
+            damping=damping,
+            adaptive_damping=adaptive_damping,
+            damping_factor=damping_factor,
+            reuse_alpha=reuse_alpha,
+            model=self._model,
+            loss_fn=self._loss_fn,
+        )
+        self._apply_state = _ApplyState(damping=self._options.damping)
+        self._next_state: _ApplyState | None = None
         # What Optimizer.__init__ would set up; calling it would assign over the
         # param_groups/state/defaults properties that forward to the inner optimizer.
-        self._optimizer_step_pre_hooks: dict[int, Callable] = {}
-        self._optimizer_step_post_hooks: dict[int, Callable] = {}
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = {}
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = {}
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = {}
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = {}
+        # OrderedDict as there: torch's RemovableHandle keeps a weak reference to it.
+        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
         self._patch_step_function()
 
     # ------------------------------------------------------------------ contract
@@ -352,6 +639,16 @@ class AlphaProbe(Optimizer):
         return tuple(c.name for c in self._curvatures)
 
     @property
+    def loss_fn(self) -> Callable[..., Tensor] | None:
+        """The loss passed as ``loss_fn=``, in a form whose calls the probe records.
+
+        For a plain Python function this is a recording wrapper: call
+        ``probe.loss_fn(output, target)`` in the closure. Modules and ``torch``
+        functions are returned as they are (their calls are recorded anyway).
+        """
+        return self._loss_fn
+
+    @property
     def distributed(self) -> DistributedReducer:
         """How the probe combines its numbers across processes (DDP)."""
         return self._distributed
@@ -370,10 +667,27 @@ class AlphaProbe(Optimizer):
         self.inner.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        # An LR scheduler sets ``step`` on the instance, a wrapper holding a weak
+        # reference to *this* probe: a copy stepping through it would step the
+        # original. A pending capture holds this probe's gradients.
+        state.pop("step", None)
+        state.pop("_pending", None)
+        # Curvature backends hold BackPACK extensions that do not pickle; they
+        # carry no state between steps, so rebuild them from their names.
+        state["_curvatures"] = list(self.curvatures)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        curvatures = state.pop("_curvatures")
         self.__dict__.update(state)
+        if all(isinstance(c, str) for c in curvatures):
+            curvatures = curvature_registry.resolve(
+                curvatures, self._model, self._loss_fn
+            )
+        self._curvatures = curvatures
+        self._pending = None
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -401,6 +715,7 @@ class AlphaProbe(Optimizer):
             "mode": self.mode,
             "curvature": list(self.curvatures),
             "history": self.history.state_dict(),
+            "apply": self._apply_state.to_dict(),
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state)
@@ -434,19 +749,35 @@ class AlphaProbe(Optimizer):
         section = state_dict.get(STATE_KEY)
         inner_state = {k: v for k, v in state_dict.items() if k != STATE_KEY}
         if section is None:
+            self._check_plain_groups(inner_state)
             warnings.warn(
                 "Loading a plain optimizer state dict into AlphaProbe: the inner "
                 "optimizer resumes, the probe's history and step count start empty.",
                 stacklevel=2,
             )
             history, step, mode = History(maxlen=self.history.maxlen), 0, self.mode
+            apply_state = _ApplyState(damping=self._options.damping)
         else:
             history, step, mode = self._parse_section(section)
+            apply_state = self._parse_apply_state(section)
         self.inner.load_state_dict(inner_state)
         self.history, self._step_count, self.mode = history, step, mode
+        self._apply_state = apply_state
         self._pending = None
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
+
+    def _parse_apply_state(self, section: Any) -> _ApplyState:
+        """Apply-mode state of a state dict (absent in older ones: start afresh)."""
+        if "apply" not in section:
+            return _ApplyState(damping=self._options.damping)
+        try:
+            return _ApplyState.from_dict(section["apply"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"The state dict's {STATE_KEY!r} section has a corrupted 'apply' "
+                f"entry ({error})."
+            ) from error
 
     def _parse_section(self, section: Any) -> tuple[History, int, str]:
         try:
@@ -454,8 +785,9 @@ class AlphaProbe(Optimizer):
                 raise ValueError(f"unknown format {section['format']!r}")
             saved = section["optimizer"]
             step, mode = int(section["step"]), section["mode"]
+            curvature = list(section.get("curvature", self.curvatures))
             history = History.from_state_dict(section["history"])
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise ValueError(
                 f"The state dict's {STATE_KEY!r} section is corrupted ({error}). Load "
                 "the inner optimizer alone with probe.inner.load_state_dict(...) if "
@@ -468,7 +800,7 @@ class AlphaProbe(Optimizer):
             )
         if mode not in MODES:
             raise ValueError(f"The state dict's mode {mode!r} is not one of {MODES}.")
-        if list(section.get("curvature", self.curvatures)) != list(self.curvatures):
+        if curvature != list(self.curvatures):
             warnings.warn(
                 f"The state dict was saved with curvature {section.get('curvature')}; "
                 f"this probe uses {list(self.curvatures)}. Continuing with the latter.",
@@ -477,6 +809,33 @@ class AlphaProbe(Optimizer):
         if history.maxlen != self.history.maxlen:
             history = History(history, maxlen=self.history.maxlen)
         return history, step, mode
+
+    def _check_plain_groups(self, inner_state: dict[str, Any]) -> None:
+        """Refuse a plain state dict whose groups lack this optimizer's settings.
+
+        ``torch.optim`` loads any state dict with matching group sizes, so one from
+        another optimizer class (SGD's into Adam) would only fail at the next step,
+        after the load. Numeric hyperparameters (``lr``, ``betas``, ``momentum``...)
+        exist in every version of a class; flags that newer versions add are
+        filled in by ``torch.optim`` and are not required here.
+        """
+        required = {
+            k
+            for k, v in self.inner.defaults.items()
+            if not isinstance(v, bool) and isinstance(v, (int, float, tuple, Tensor))
+        }
+        groups = inner_state.get("param_groups")
+        if not isinstance(groups, list):
+            return  # the inner optimizer's own load reports it
+        for i, group in enumerate(groups):
+            missing = sorted(required - set(group)) if isinstance(group, dict) else []
+            if missing:
+                raise ValueError(
+                    f"The state dict's parameter group {i} lacks {missing}, "
+                    f"hyperparameters of {type(self.inner).__name__}: it comes from "
+                    "another optimizer class. Load a state dict saved by the same "
+                    "inner optimizer class."
+                )
 
     # ------------------------------------------------------------------- steps
     def capture(self, loss_scale: float | Any | None = None) -> Capture:
@@ -537,9 +896,15 @@ class AlphaProbe(Optimizer):
             if not self._will_probe():
                 # Between probes (interval > 1) the probe is the inner optimizer:
                 # no BackPACK, no snapshots, no record.
-                with torch.enable_grad():
-                    result = closure()
-                self.inner.step()
+                stage = "the closure raised"
+                try:
+                    with torch.enable_grad():
+                        result = closure()
+                    stage = self._inner_stage()
+                    self._unprobed_step()
+                except BaseException as error:
+                    _note(error, f"{stage} on an unprobed step", undone=False)
+                    raise
                 self._step_count += 1
                 return result
             session = self._closure_session().__enter__()
@@ -550,7 +915,7 @@ class AlphaProbe(Optimizer):
                 raise session.fail(error) from None
             pending = session.finish(None, result, require_loss=True)
         if not self._will_probe():
-            self.inner.step()
+            self._unprobed_step()
             self._step_count += 1
             return result
         self._probe_step(pending)
@@ -559,25 +924,44 @@ class AlphaProbe(Optimizer):
     def _probe_step(self, pending: _Pending) -> None:
         self._distributed.start_step()
         params = self._params()
-        transaction = StepTransaction(self.inner, params)
+        transaction: StepTransaction | None = None
+        stage = "taking the snapshot of parameters and optimizer state raised"
         try:
+            transaction = StepTransaction(self.inner, params)
+            stage = self._inner_stage()
             transaction.take_inner_step()
             transaction.swap()  # parameters now hold θ₀ (BackPACK reads live weights)
+            stage = "evaluating the step's slope and curvatures raised"
             with torch.no_grad():
                 numbers = self._evaluate(params, transaction.directions, pending)
+            stage = "deciding the step raised"
+            self._next_state = self._apply_state  # apply-mode state, committed below
             record, multiplier = self._decide(numbers, pending)
+            if multiplier is not None and record.action != "skip":
+                if not _update_is_finite(params, transaction.directions, multiplier):
+                    record, multiplier = self._overflowing(record)
+            stage = "re-evaluating the loss along d (truth_every/track_rho) raised"
+            record = self._measure_along(
+                record, multiplier, pending, params, transaction
+            )
+            stage = "writing the parameters raised"
             if multiplier is None:
                 transaction.commit_inner()
             elif multiplier == 0.0 and record.action == "skip":
                 transaction.rollback()
             else:
                 transaction.commit_scaled(multiplier)
+            stage = "recording the step in the history raised"
             self.history.append(record)
+            self._apply_state = self._next_state
             self._step_count += 1
         except BaseException as error:
             self._distributed.abort(error)  # other processes must not wait for us
-            transaction.rollback()
+            if transaction is not None:
+                transaction.rollback()
             pending.backup.restore()
+            if not _noted(error):
+                _note(error, stage)
             translated = (
                 translate_backpack_error(error, self._curvatures, self._alternatives())
                 if isinstance(error, Exception)
@@ -620,21 +1004,39 @@ class AlphaProbe(Optimizer):
                 g = p.grad.to(acc)
                 slope = slope + torch.sum(d * g)
                 gg = gg + torch.sum(g * g)
-        ctx = self._context(params, directions, pending.reached)
-        curv = [c.quadratic(ctx).sum() for c in self._curvatures]
+        ctx = self._context(params, directions, pending.reached, batch=pending.batch)
+        quads = []  # one value per block for blockwise curvatures, else a scalar
+        for c in self._curvatures:
+            try:
+                quads.append(c.quadratic(ctx))
+            except BaseException as error:
+                _note(error, f"computing curvature {c.name!r} ({c.description}) raised")
+                raise
         scale = pending.loss_scale
         if scale is not None:
             scale = scale.get_scale() if hasattr(scale, "get_scale") else scale
-            curv = [q / scale for q in curv]
+            quads = [
+                q / scale if c.scales_with_loss else q
+                for c, q in zip(self._curvatures, quads)
+            ]
+        curv = [q.sum() for q in quads]
         loss = (
             pending.loss.detach().to(device=device, dtype=acc).reshape(())
             if pending.loss is not None
             else torch.full((), math.nan, dtype=acc, device=device)
         )
         packed = torch.stack([loss, slope, dd, gg, *curv])
+        shared = [1, 2, 3]
+        squared = []  # variances of local means: weight² under DDP
+        if self.per_block or self._noise is not None:  # opt-in extras, same tensor
+            extra, extra_shared = self._extra_tensors(ctx, quads, scale)
+            shared += [packed.numel() + k for k in extra_shared]
+            if "noise" in self._extra_layout:
+                squared.append(packed.numel() + self._extra_layout["noise"][0])
+            packed = torch.cat([packed, *extra])
         # Under torch.distributed: one all_reduce that averages the local entries
         # (loss, curvature) and takes dᵀg, ‖d‖², ‖g‖² (already global) from rank 0.
-        packed = self._distributed.reduce(packed, shared=(1, 2, 3))
+        packed = self._distributed.reduce(packed, shared=shared, squared=squared)
         return self._distributed.unpack(packed.tolist())
 
     def _decide(
@@ -646,7 +1048,9 @@ class AlphaProbe(Optimizer):
             The record and the multiplier of ``d`` to take (``None``: keep the
             inner step bit for bit; ``0.0`` with action ``"skip"``: roll back).
         """
-        loss, slope, dd, gg, *curv = numbers
+        head = 4 + len(self._curvatures)
+        loss, slope, dd, gg = numbers[:4]
+        curv, rest = numbers[4:head], numbers[head:]
         maximize = self._maximize()
         finite = all(math.isfinite(v) for v in (slope, dd, gg)) and (
             pending.loss is None or math.isfinite(loss)
@@ -664,17 +1068,23 @@ class AlphaProbe(Optimizer):
         primary = self._curvatures[0].name
         multiplier: float | None = None
         action, applied = "inner", 1.0
+        apply_extra: dict[str, Any] = {}
         if self.mode == "apply":
-            status = statuses[primary]
+            status, proposed, apply_extra = self._propose(
+                statuses[primary], alphas[primary], slope, curv[0], dd
+            )
             if status == Status.OK:
-                applied = clip_to_bounds(alphas[primary], self.bounds)  # type: ignore[arg-type]
+                applied = clip_to_bounds(proposed, self.bounds)  # type: ignore[arg-type]
                 multiplier, action = applied, "alpha"
             else:
                 policy = (
                     self.on_nonfinite if status == Status.NONFINITE else self.fallback
                 )
+                last = self._next_state.last_alpha if self._next_state else None
                 if policy == "skip":
                     multiplier, action, applied = 0.0, "skip", 0.0
+                elif policy == "last" and last is not None:
+                    multiplier, action, applied = last, "fallback", last
                 elif isinstance(policy, float):
                     multiplier, action, applied = policy, "fallback", policy
         record = ProbeRecord(
@@ -691,8 +1101,210 @@ class AlphaProbe(Optimizer):
             applied=applied,
             action=action,
             lrs=tuple(_as_float(g.get("lr")) for g in self.param_groups),
+            extra=self._extra_entries(rest, curv, statuses) if rest else {},
+        )
+        record.extra.update(apply_extra)
+        return record, multiplier
+
+    def _overflowing(self, record: ProbeRecord) -> tuple[ProbeRecord, float | None]:
+        """Record and multiplier when ``θ₀ + α d`` would not be finite."""
+        statuses = {**record.statuses, record.primary: Status.NONFINITE.value}
+        if self.on_nonfinite == "inner":
+            action, applied, multiplier = "inner", 1.0, None
+        else:
+            action, applied, multiplier = "skip", 0.0, 0.0
+        record = dataclasses.replace(
+            record, statuses=statuses, action=action, applied=applied
         )
         return record, multiplier
+
+    # ------------------------------------------ apply-mode options, truth and ρ
+    @property
+    def apply_state(self) -> dict[str, float | None]:
+        """What apply mode carries between steps (saved by :meth:`state_dict`).
+
+        ``damping``: the current λ (adapted by ``adaptive_damping``);
+        ``smoothed_alpha``: :math:`e^s`, the EMA of ``ln α`` (``smoothing``),
+        ``None`` before the first defined ``α``; ``last_alpha``: the last
+        multiplier applied from a defined ``α`` (reused between probes and by
+        ``fallback="last"``).
+        """
+        state = self._apply_state
+        return {
+            "damping": state.damping,
+            "smoothed_alpha": None
+            if state.log_alpha is None
+            else math.exp(state.log_alpha),
+            "last_alpha": state.last_alpha,
+        }
+
+    def _replays_loss(self) -> bool:
+        """Whether this (probed) step re-evaluates the loss along ``d``."""
+        return self._options.rho_needed or self._options.truth_due(self._step_count)
+
+    def _propose(
+        self,
+        status: str,
+        alpha: float | None,
+        slope: float,
+        curvature: float,
+        dd: float,
+    ) -> tuple[str, float | None, dict[str, Any]]:
+        """The apply-mode ``α`` before bounds: damped, then smoothed.
+
+        Returns its status, the value and the record entries. Updates the step's
+        pending state (the EMA) that :meth:`_probe_step` commits on success.
+        """
+        options, state = self._options, self._next_state or self._apply_state
+        extra: dict[str, Any] = {}
+        damped = options.damping > 0 or options.adaptive_damping
+        if damped:
+            extra["damping"] = state.damping
+            if status not in (Status.NONFINITE, Status.ZERO_DIRECTION):
+                maximize = self._maximize()
+                alpha, result = optimal_step(
+                    slope,
+                    damped_curvature(curvature, dd, state.damping, maximize=maximize),
+                    maximize=maximize,
+                )
+                status = result.value
+            extra["alpha_damped"] = alpha
+        if options.smoothing > 0:
+            if status == Status.OK:
+                log_alpha = smooth_log_alpha(state.log_alpha, alpha, options.smoothing)  # type: ignore[arg-type]
+                state = dataclasses.replace(state, log_alpha=log_alpha)
+                alpha = math.exp(log_alpha)
+            extra["alpha_smoothed"] = alpha if status == Status.OK else None
+        self._next_state = state
+        return status, alpha, extra
+
+    def _measure_along(
+        self,
+        record: ProbeRecord,
+        multiplier: float | None,
+        pending: _Pending,
+        params: list[Tensor],
+        transaction: StepTransaction,
+    ) -> ProbeRecord:
+        """Line-search truth and ρ from the loss along ``d`` (parameters hold ``θ₀``).
+
+        Also records the last applied ``α`` and adapts λ, in the step's pending
+        state.
+        """
+        options = self._options
+        state = self._next_state or self._apply_state
+        if record.mode == "apply" and record.action == "alpha":
+            state = dataclasses.replace(state, last_alpha=record.applied)
+        extra: dict[str, Any] = {}
+        if pending.batch is not None and self._replays_loss():
+            objective = BatchObjective(
+                pending.batch, params, params, transaction.directions
+            )
+            h = self._reduced(objective, params)
+            maximize = self._maximize()
+            if options.truth_due(record.step):
+                found = line_search(h, maximize=maximize)
+                extra.update(
+                    alpha_line=found.alpha,
+                    loss_line=found.loss,
+                    loss_line0=found.loss0,
+                    line_status=found.status,
+                    line_evaluations=found.evaluations,
+                )
+            if options.rho_needed:
+                t = 1.0 if multiplier is None else multiplier
+                if record.action == "skip":
+                    t = 0.0
+                rho = change = predicted = secant = alpha_secant = new = None
+                if t != 0.0:
+                    loss0 = record.loss
+                    if loss0 is None or not math.isfinite(loss0):
+                        loss0 = h(0.0)
+                    new = h(t)
+                    change = new - loss0
+                    predicted = predicted_change(
+                        t, record.slope, record.curvatures[record.primary]
+                    )
+                    rho = reduction_ratio(change, predicted, maximize=maximize)
+                    secant = secant_curvature(change, t, record.slope)
+                    if secant is not None:
+                        alpha_secant = optimal_step(
+                            record.slope, secant, maximize=maximize
+                        )[0]
+                extra.update(
+                    rho=rho,
+                    loss_new=new,
+                    loss_change=change,
+                    predicted_change=predicted,
+                    curvature_secant=secant,
+                    alpha_secant=alpha_secant,
+                )
+                if record.mode == "apply" and options.adaptive_damping:
+                    damping = adapt_damping(
+                        state.damping,
+                        rho,
+                        factor=options.damping_factor,
+                        bounds=options.DAMPING_BOUNDS,
+                    )
+                    state = dataclasses.replace(state, damping=damping)
+        self._next_state = state
+        if extra:
+            record = dataclasses.replace(record, extra={**record.extra, **extra})
+        return record
+
+    def _reduced(
+        self, objective: BatchObjective, params: list[Tensor]
+    ) -> Callable[[float], float]:
+        """``h(α)`` as a float, averaged over processes under torch.distributed.
+
+        Every process evaluates the same ``α`` sequence (the reduced values are
+        equal everywhere), one collective per evaluation.
+        """
+        acc = self._accumulate_dtype(params)
+
+        reducer = self._distributed
+
+        def h(alpha: float) -> float:
+            value = objective(alpha).to(acc).reshape(1)
+            # Keep the layout of the step's main collective, which a later
+            # failure (DistributedReducer.abort) must match.
+            layout = getattr(reducer, "_layout", None)
+            packed = reducer.reduce(value)
+            result = float(reducer.unpack(packed.tolist())[0])
+            if hasattr(reducer, "_layout"):
+                reducer._layout = layout
+            return result
+
+        return h
+
+    def _unprobed_step(self) -> None:
+        """The inner step between probes; in apply mode rescaled by the last ``α``.
+
+        With ``reuse_alpha`` (apply mode, after a first applied ``α``): takes
+        ``θ₀ + α_last·d`` with the same arithmetic as a probed step, or the inner
+        step if that would not be finite.
+        """
+        alpha = self._apply_state.last_alpha
+        if (
+            self.mode != "apply"
+            or not self._options.reuse_alpha
+            or alpha is None
+            or alpha == 1.0
+        ):
+            self.inner.step()
+            return
+        params = self._params()
+        with torch.no_grad():
+            theta0 = [p.detach().clone() for p in params]
+        self.inner.step()
+        with torch.no_grad():
+            directions = torch._foreach_sub([p.detach() for p in params], theta0)
+            if _update_is_finite(theta0, directions, alpha):
+                for p, t0, d in zip(params, theta0, directions):
+                    torch.add(t0, d, alpha=alpha, out=p.data)
+
+    def _inner_stage(self) -> str:
+        return f"the inner optimizer {type(self.inner).__name__} raised during its step"
 
     # ----------------------------------------------------------------- helpers
     def _closure_session(self) -> _ClosureSession:
@@ -712,7 +1324,11 @@ class AlphaProbe(Optimizer):
         return names
 
     def _context(
-        self, params: list[Tensor], directions: list[Tensor], reached: set[int]
+        self,
+        params: list[Tensor],
+        directions: list[Tensor],
+        reached: set[int],
+        batch: Any = None,
     ) -> EvaluationContext:
         return EvaluationContext(
             params=params,
@@ -720,7 +1336,83 @@ class AlphaProbe(Optimizer):
             reached=reached,
             names=self._names(),
             accumulate_dtype=self._accumulate_dtype(params),
+            batch=batch,
+            curvatures=self._curvatures,
         )
+
+    def _batch_recorder(self) -> BatchRecorder | None:
+        """Records the closure's model and loss calls, if an exact curvature needs them.
+
+        Also on steps that re-evaluate the loss (``truth_every``, ``track_rho``,
+        ``adaptive_damping``).
+        """
+        if not any(c.needs_batch for c in self._curvatures) and not (
+            self._replays_loss()
+        ):
+            return None
+        loss_fn = self._loss_fn
+        wrapper = loss_fn if isinstance(loss_fn, RecordingLoss) else None
+        return BatchRecorder(
+            self._model,  # type: ignore[arg-type]
+            wrapper.fn if wrapper is not None else loss_fn,  # type: ignore[arg-type]
+            wrapper=wrapper,
+            intercept=wrapper is None and not isinstance(loss_fn, nn.Module),
+        )
+
+    def _extra_tensors(
+        self, ctx: EvaluationContext, quads: list[Tensor], scale: Any
+    ) -> tuple[list[Tensor], list[int]]:
+        """Per-block and noise numbers, appended to the step's packed tensor.
+
+        Returns the 1-d tensors and the offsets (among them) of the entries that
+        are already global under DDP. Sets the layout :meth:`_extra_entries` reads.
+        """
+        tensors: list[Tensor] = []
+        shared: list[int] = []
+        layout: dict[str, Any] = {}
+        offset = 0
+        if self.per_block:
+            global_, local = BlockBreakdown().tensors(ctx, self._curvatures, quads)
+            for t in global_:
+                shared += range(offset, offset + t.numel())
+                offset += t.numel()
+            size = sum(t.numel() for t in global_)
+            layout["blocks"] = (0, size, size + sum(t.numel() for t in local))
+            offset += sum(t.numel() for t in local)
+            tensors += [*global_, *local]
+        if self._noise is not None:
+            noise, batch_size = self._noise.tensors(ctx, scale)
+            layout["noise"] = (offset, offset + 1, batch_size)
+            offset += 1
+            tensors += noise
+        self._extra_layout = layout
+        return tensors, shared
+
+    def _extra_entries(
+        self, rest: list[float], curv: list[float], statuses: dict[str, str]
+    ) -> dict[str, Any]:
+        """``record.extra`` from the extra entries of the packed numbers."""
+        layout = self._extra_layout
+        extra: dict[str, Any] = {}
+        if "blocks" in layout:
+            start, mid, end = layout["blocks"]
+            extra.update(
+                BlockBreakdown.extra(
+                    rest[start:mid],
+                    rest[mid:end],
+                    names=self._names(),
+                    group_sizes=[len(g["params"]) for g in self.param_groups],
+                    curvature_names=[c.name for c in self._curvatures if c.blockwise],
+                    maximize=self._maximize(),
+                )
+            )
+        if "noise" in layout:
+            start, end, batch_size = layout["noise"]
+            names = [c.name for c in self._curvatures]
+            extra["noise"] = GradientNoise.extra(
+                rest[start:end], batch_size, dict(zip(names, curv)), statuses
+            )
+        return extra
 
     @staticmethod
     def _accumulate_dtype(params: Iterable[Tensor]) -> torch.dtype:
@@ -739,6 +1431,8 @@ class AlphaProbe(Optimizer):
     def _cleanup(self, params: Sequence[Tensor]) -> None:
         for c in self._curvatures:
             c.cleanup(params)
+        if self._noise is not None:
+            self._noise.cleanup(params)
 
     def _maximize(self) -> bool:
         return bool(self.param_groups[0].get("maximize", False))
@@ -790,10 +1484,80 @@ class AlphaProbe(Optimizer):
         return loss
 
 
+_NOTE_PREFIX = "alphawrap: "
+
+
+def _noted(error: BaseException) -> bool:
+    return any(
+        str(n).startswith(_NOTE_PREFIX) for n in getattr(error, "__notes__", ())
+    )
+
+
+def _note(error: BaseException, what: str, *, undone: bool = True) -> None:
+    """Say on ``error`` which stage of the step failed (its type is kept)."""
+    if not hasattr(error, "add_note"):  # Python 3.10
+        return
+    if undone:
+        tail = (
+            "the step was undone: parameters, gradients, optimizer state and "
+            "history are unchanged."
+        )
+    else:
+        tail = "steps between probes take no snapshot and are not rolled back."
+    error.add_note(f"{_NOTE_PREFIX}{what}; {tail}")
+
+
+def _update_is_finite(
+    theta0: Sequence[Tensor], directions: Sequence[Tensor], alpha: float
+) -> bool:
+    """Whether ``θ₀ + α d`` is finite in the parameters' own dtype."""
+    if any(abs(alpha) > torch.finfo(t.dtype).max for t in theta0):
+        return False  # α itself does not fit (torch.add would refuse it)
+    with torch.no_grad():
+        checks = [
+            torch.isfinite(torch.add(t, d, alpha=alpha)).all()
+            for t, d in zip(theta0, directions)
+        ]
+    return bool(torch.stack(checks).all())
+
+
 def _as_float(value: Any) -> float | None:
     if value is None:
         return None
     return float(value)
+
+
+def _check_model_and_loss(
+    curvatures: Sequence[Curvature], model: Any, loss_fn: Any
+) -> tuple[nn.Module | None, Any]:
+    """Validate ``model=``/``loss_fn=``; wrap a plain-Python loss for recording."""
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+    needing = [c.name for c in curvatures if c.needs_batch]
+    if needing and (model is None or loss_fn is None):
+        missing = " and ".join(
+            name
+            for name, value in (("model=", model), ("loss_fn=", loss_fn))
+            if value is None
+        )
+        raise TypeError(
+            f"Curvature {', '.join(map(repr, needing))} re-evaluates the loss along "
+            f"the update, so AlphaProbe needs {missing}: "
+            "AlphaProbe(optimizer, curvature=..., model=model, loss_fn=loss_fn), "
+            "where the closure computes loss_fn(model(inputs), targets) (loss_fn: "
+            "a loss module, a torch.nn.functional function such as "
+            "F.cross_entropy, or any callable that the closure then calls as "
+            "probe.loss_fn(output, targets))."
+        )
+    if (
+        loss_fn is not None
+        and not isinstance(loss_fn, nn.Module)
+        and not is_overridable(loss_fn)
+    ):
+        loss_fn = RecordingLoss(loss_fn)
+    return model, loss_fn
 
 
 def _check_inner(optimizer: Any) -> None:

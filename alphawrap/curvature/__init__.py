@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
 
 from alphawrap.curvature.base import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import (
@@ -49,8 +52,16 @@ def available() -> list[str]:
     return list(REGISTRY)
 
 
-def resolve(curvature: str | Sequence[str]) -> list[Curvature]:
+def resolve(
+    curvature: str | Sequence[str],
+    model: nn.Module | None = None,
+    loss_fn: Any = None,
+) -> list[Curvature]:
     """Turn a name or a sequence of names into backend instances.
+
+    The backends of one selection share one tangent sweep, and learn ``model``
+    and ``loss_fn`` when given (the block curvatures then record with plain
+    hooks instead of BackPACK's ``extend``).
 
     Raises:
         ValueError: For an unknown, duplicate or empty selection; the message
@@ -68,6 +79,8 @@ def resolve(curvature: str | Sequence[str]) -> list[Curvature]:
         raise ValueError(f"curvature lists a name twice: {names}.")
     curvatures = [REGISTRY[name]() for name in names]
     share_engine(curvatures)
+    for c in curvatures:
+        c.bind(model, loss_fn)
     return curvatures
 
 

@@ -9,12 +9,13 @@ the others return a scalar.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -75,6 +76,13 @@ class Curvature(ABC):
     def backpack_extensions(self) -> list[Any]:
         """BackPACK extensions to activate during the closure's backward pass."""
         return []
+
+    def recording(self) -> AbstractContextManager[Any]:
+        """Context to enter around a probed closure (e.g. recording hooks)."""
+        return nullcontext()
+
+    def bind(self, model: nn.Module | None, loss_fn: Any) -> None:  # noqa: B027
+        """Learn the model and loss function the probe was given (if any)."""
 
     def check_backward(self, ctx: EvaluationContext) -> None:  # noqa: B027
         """Fail early, right after the backward pass, if evaluation cannot work.

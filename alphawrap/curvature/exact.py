@@ -69,6 +69,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
 import torch
@@ -277,6 +278,24 @@ class ExactCurvature(Curvature):
     methods: ClassVar[tuple[str, ...]]
     default_method: ClassVar[str]
 
+    sweep: Any = None
+    """The probe's :class:`~alphawrap.curvature.sweep.TangentSweep`: with
+    ``method="auto"`` it serves this curvature from the stored forward when the
+    model is a chain of modules it supports (no second forward pass)."""
+
+    def recording(self) -> AbstractContextManager[Any]:
+        if self.sweep is None:
+            return contextlib.nullcontext()
+        return self.sweep.recording_for(self)
+
+    def bind(self, model: nn.Module | None, loss_fn: Any) -> None:
+        if self.sweep is not None:
+            self.sweep.bind(model, loss_fn)
+
+    def cleanup(self, params: Any) -> None:
+        if self.sweep is not None:
+            self.sweep.reset()
+
     def __init__(self, method: str = "auto") -> None:
         if method not in self.methods:
             raise ValueError(
@@ -308,6 +327,12 @@ class ExactCurvature(Curvature):
 
     def quadratic(self, ctx: EvaluationContext) -> Tensor:
         """Return ``dᵀCd`` (see :class:`~alphawrap.curvature.base.Curvature`)."""
+        if (
+            self.method == "auto"
+            and self.sweep is not None
+            and self.sweep.supports_exact(ctx)
+        ):
+            return self.sweep.quadratics(ctx)[self.name]
         run = _pass(ctx)
         try:
             value = self._evaluate(run, self.resolved)

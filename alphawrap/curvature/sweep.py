@@ -40,6 +40,7 @@ refused with a clear error rather than giving silently wrong numbers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -120,6 +121,64 @@ class Recorder(BackpropExtension):
         return False
 
 
+class HookRecorder:
+    """Record the same trace with plain PyTorch hooks: no ``backpack.extend``.
+
+    Used when the probe knows the model and an ``nn.CrossEntropyLoss`` /
+    ``nn.MSELoss`` loss module (``AlphaProbe(..., model=, loss_fn=)``). Forward
+    hooks on the leaf modules keep each module's input and output, and a tensor
+    hook on the output keeps its gradient ``δ``. The hooks exist only while a
+    probed closure runs, so the steps in between cost exactly a plain step
+    (BackPACK's own hooks, installed by ``extend``, slow *every* step down).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.entries: list[_Trace] = []
+        self._derivatives = _derivatives_by_module()
+        self._handles: list[Any] = []
+
+    @property
+    def trace(self) -> list[_Trace]:
+        """The recorded modules in backward order (loss first), like BackPACK's."""
+        return self.entries[::-1]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __enter__(self) -> HookRecorder:
+        self.entries.clear()
+        leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
+        for module in [*leaves, self.loss_fn]:
+            self._handles.append(module.register_forward_hook(self._record))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _record(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, Tensor):
+            return
+        entry = _Trace(
+            module,
+            self._derivatives.get(type(module)),
+            tuple(inputs),
+            output,
+            (None,),
+            [None],  # type: ignore[arg-type]
+        )
+        if output.requires_grad:
+
+            def keep(grad: Tensor, entry: _Trace = entry) -> None:
+                entry.g_out[0] = grad  # type: ignore[index]
+
+            output.register_hook(keep)
+        self.entries.append(entry)
+
+
 def _is_loss(trace: _Trace) -> bool:
     return isinstance(trace.module, (nn.MSELoss, nn.CrossEntropyLoss))
 
@@ -143,8 +202,33 @@ class TangentSweep:
         self.kinds: list[str] = []
         self.fast = fast
         self.recorder = Recorder()
+        self.hooks: HookRecorder | None = None
+        self.users: list[Curvature] = []
         self._result: dict[str, Tensor] | None = None
         self._chain: list[_Trace] | None = None
+
+    def bind(self, model: nn.Module | None, loss_fn: Any) -> None:
+        """Record with plain hooks on ``model`` if it and a loss module are known."""
+        if model is not None and isinstance(loss_fn, (nn.MSELoss, nn.CrossEntropyLoss)):
+            self.hooks = HookRecorder(model, loss_fn)
+
+    @property
+    def source(self) -> Recorder | HookRecorder:
+        """Where the trace comes from: plain hooks if bound, else BackPACK."""
+        return self.hooks if self.hooks is not None else self.recorder
+
+    def extensions_for(self, curvature: Curvature) -> list[Any]:
+        """The BackPACK recorder, for the first block curvature only (no hooks)."""
+        blocks = [c for c in self.users if isinstance(c, SweepCurvature)]
+        if self.hooks is None and blocks and blocks[0] is curvature:
+            return [self.recorder]
+        return []
+
+    def recording_for(self, curvature: Curvature) -> AbstractContextManager[Any]:
+        """The hook recorder, for the engine's first user only."""
+        if self.hooks is not None and self.users and self.users[0] is curvature:
+            return self.hooks
+        return nullcontext()
 
     def add(self, kind: str) -> None:
         """Request ``kind``; the recorder fails on unknown modules only for blocks."""
@@ -179,6 +263,8 @@ class TangentSweep:
     def reset(self) -> None:
         """Forget the recorded pass and the cached result."""
         self.recorder.trace.clear()
+        if self.hooks is not None:
+            self.hooks.clear()
         self._result = None
         self._chain = None
 
@@ -190,14 +276,20 @@ class TangentSweep:
             CurvatureError: If the loss was not recorded, the modules do not form
                 a chain, or a reached parameter belongs to no recorded module.
         """
-        trace = self.recorder.trace
+        trace = self.source.trace
         names = ", ".join(repr(k) for k in self.kinds)
         if not trace:
+            if self.hooks is not None:
+                raise CurvatureError(
+                    f"Curvatures {names}: the closure did not call model= and "
+                    "loss_fn= with gradients enabled; call both in the closure."
+                )
             raise CurvatureError(
                 f"BackPACK recorded nothing for {names}: neither the model nor the "
                 "loss function is extended. Use `model = backpack.extend(model)` "
                 "before creating the optimizer and `loss_fn = backpack.extend("
-                "torch.nn.CrossEntropyLoss())` (or MSELoss)."
+                "torch.nn.CrossEntropyLoss())` (or MSELoss), or pass model= and "
+                "loss_fn= to AlphaProbe (then no extend is needed)."
             )
         if not _is_loss(trace[0]):
             raise CurvatureError(
@@ -205,7 +297,23 @@ class TangentSweep:
                 "not extended or is computed functionally. Use a loss module extended "
                 "with BackPACK, e.g. `loss_fn = backpack.extend(torch.nn."
                 "CrossEntropyLoss())` (MSELoss and CrossEntropyLoss are supported), "
-                "as the last operation of the closure."
+                "as the last operation of the closure, or pass model= and such a "
+                "loss module as loss_fn= to AlphaProbe."
+            )
+        unknown = [t for t in trace[1:] if t.derivatives is None]
+        if unknown:
+            module = type(unknown[0].module).__name__
+            raise CurvatureError(
+                f"Curvatures {names} (tangent sweep) cannot handle module {module}. "
+                f"Supported modules: {', '.join(supported_modules(self.recorder))}. "
+                "Curvatures that work on any differentiable model: 'ggn-exact', "
+                "'hessian-exact'."
+            )
+        if len({id(t.module) for t in trace}) != len(trace):
+            raise CurvatureError(
+                f"Curvatures {names}: a module ran more than once in the closure "
+                "(weight sharing or several forward passes); the tangent sweep needs "
+                "each module once. Use an exact curvature."
             )
         loss, layers = trace[0], trace[:0:-1]  # layers in forward order
         links = [(b, a) for a, b in zip(layers, layers[1:])]
@@ -331,14 +439,16 @@ class TangentSweep:
                 for count, values in contributions:
                     result[k].index_add_(0, slot_index[:count], values)
         if any(k in EXACT_KINDS for k in self.kinds):
+            # The exact kinds are reported for the unscaled loss (they stand in for
+            # a replay of loss_fn, which never sees a loss scale): the residual and
+            # cross terms carry the scale through δ, so divide it out.
             total = tangents.sum(0, keepdim=True) if per_block else tangents
-            ggn_exact = torch.sum((total * h_prod(total)).to(acc)) * scale
+            ggn_exact = torch.sum((total * h_prod(total)).to(acc))
             if "ggn-exact" in result:
                 result["ggn-exact"] = ggn_exact
             if exact_hessian:
-                result["hessian-exact"] = ggn_exact + sum(
-                    extra, torch.zeros_like(ggn_exact)
-                )
+                second = sum(extra, torch.zeros_like(ggn_exact))
+                result["hessian-exact"] = ggn_exact + second / scale
         return result
 
     @staticmethod
@@ -404,11 +514,17 @@ class SweepCurvature(Curvature):
 
     def __init__(self, engine: TangentSweep | None = None) -> None:
         self.engine = engine if engine is not None else TangentSweep()
+        self.engine.users.append(self)
         self.engine.add(self.kind)
 
     def backpack_extensions(self) -> list[Any]:
-        # Only the engine's first curvature activates the recorder.
-        return [self.engine.recorder] if self.engine.kinds[0] == self.kind else []
+        return self.engine.extensions_for(self)
+
+    def recording(self) -> AbstractContextManager[Any]:
+        return self.engine.recording_for(self)
+
+    def bind(self, model: nn.Module | None, loss_fn: Any) -> None:
+        self.engine.bind(model, loss_fn)
 
     def check_backward(self, ctx: EvaluationContext) -> None:
         self.engine.chain(ctx)
@@ -455,17 +571,27 @@ class SweepPCHAbs(SweepCurvature):
 
 
 def share_engine(curvatures: Sequence[Curvature], fast: bool = True) -> None:
-    """Give every :class:`SweepCurvature` in ``curvatures`` one common engine.
+    """Give the curvatures of one probe one common :class:`TangentSweep`.
+
+    The block curvatures (:class:`SweepCurvature`) always use it; the exact ones
+    (anything with a ``sweep`` attribute, see :mod:`alphawrap.curvature.exact`)
+    use it when the recorded model is a chain it supports.
 
     Args:
         curvatures: Backends of one probe.
         fast: Use the direct rules of :data:`~alphawrap.curvature.rules.FAST_RULES`
             (``False``: BackPACK's derivatives for every module, for testing).
     """
-    sweeps = [c for c in curvatures if isinstance(c, SweepCurvature)]
-    if not sweeps:
+    users = [
+        c for c in curvatures if isinstance(c, SweepCurvature) or hasattr(c, "sweep")
+    ]
+    if not users:
         return
     engine = TangentSweep(fast=fast)
-    for c in sweeps:
-        c.engine = engine
-        engine.add(c.kind)
+    for c in users:
+        if isinstance(c, SweepCurvature):
+            c.engine = engine
+        else:
+            c.sweep = engine  # type: ignore[attr-defined]
+        engine.users.append(c)
+        engine.add(c.name)

@@ -1,0 +1,106 @@
+"""model= and loss_fn= let the sweep record with plain hooks: no extend needed."""
+
+import pytest
+import torch
+from torch import nn
+
+from alphawrap import AlphaProbe, CurvatureError
+from alphawrap.curvature import exact
+from alphawrap.reference import full_ggn_quadratic, recursive_block_quadratics
+
+RESIDUAL = {"hessian": "keep", "ggn": "drop", "pch-clip": "clip", "pch-abs": "abs"}
+
+
+def _plain_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+def _step(probe, model, loss_fn, x, y):
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def closure():
+        probe.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    probe.step(closure)
+    directions = {n: p.detach() - theta0[n] for n, p in model.named_parameters()}
+    current = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(theta0[n])
+    return directions, current
+
+
+def test_block_curvatures_without_extend_match_reference():
+    model, loss_fn, x, y = _plain_problem()
+    names = list(RESIDUAL)
+    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                       curvature=[*names, "ggn-exact"], model=model, loss_fn=loss_fn)
+    for _ in range(3):
+        directions, current = _step(probe, model, loss_fn, x, y)
+        rec = probe.history[-1]
+        for name in names:
+            ref = recursive_block_quadratics(model, loss_fn, x, y, directions,
+                                             RESIDUAL[name])
+            assert rec.curvatures[name] == pytest.approx(sum(ref.values()).item(),
+                                                         rel=1e-9)
+        assert rec.curvatures["ggn-exact"] == pytest.approx(
+            full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(current[n])
+
+
+def test_no_hooks_remain_between_steps():
+    model, loss_fn, x, y = _plain_problem()
+    probe = AlphaProbe(torch.optim.Adam(model.parameters()), model=model,
+                       loss_fn=loss_fn)
+    _step(probe, model, loss_fn, x, y)
+    for module in [*model.modules(), loss_fn]:
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_exact_curvatures_reuse_the_stored_forward(monkeypatch):
+    """On a chain of supported modules the exact curvatures come from the sweep:
+    the model-replay path is never entered."""
+    model, loss_fn, x, y = _plain_problem()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("replayed the model")
+
+    monkeypatch.setattr(exact, "_pass", fail)
+    probe = AlphaProbe(torch.optim.Adam(model.parameters()),
+                       curvature=("ggn-exact", "hessian-exact"), model=model,
+                       loss_fn=loss_fn)
+    _step(probe, model, loss_fn, x, y)
+    assert probe.history[-1].status == "ok" or probe.history[-1].alpha is None
+
+
+def test_unsupported_module_names_it_and_the_alternatives():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                       loss_fn=loss_fn)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(CurvatureError, match="GELU.*ggn-exact"):
+        _step(probe, model, loss_fn, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(probe.history) == 0
+
+
+def test_module_used_twice_is_refused():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.Tanh(), layer)
+    loss_fn = nn.MSELoss()
+    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                       loss_fn=loss_fn)
+    with pytest.raises(CurvatureError, match="more than once"):
+        _step(probe, model, loss_fn, torch.randn(4, 3), torch.randn(4, 3))
