@@ -16,10 +16,12 @@ class BenchProblem:
     build: Callable[[], nn.Module]
     image: bool = False
 
-    def make(self, batch: int = 128, seed: int = 0):
+    def make(self, batch: int = 128, seed: int = 0, extended: bool = True):
         torch.manual_seed(seed)
-        model = extend(self.build())
-        loss_fn = extend(nn.CrossEntropyLoss())
+        model = self.build()
+        loss_fn = nn.CrossEntropyLoss()
+        if extended:
+            model, loss_fn = extend(model), extend(loss_fn)
         shape = (batch, 1, 8, 8) if self.image else (batch, 64)
         x: Tensor = torch.randn(*shape)
         y: Tensor = torch.randint(0, 10, (batch,))

@@ -1,13 +1,20 @@
 """Cost of a probe step relative to a plain inner step, measured side by side.
 
-For each problem and curvature selection, plain Adam steps and probe steps on the
-same batch are interleaved (plain, probe, plain, probe, ...) and the median of the
-per-pair time ratios is reported, with the peak-memory ratio (tracemalloc does not
-see torch's CPU allocator, so memory is measured with torch's profiler-free
-estimate: the bytes of tensors alive at the probe's evaluation are reported by
-`alphawrap` only on CUDA; on CPU we report RSS growth).
+For every problem and curvature selection, plain Adam steps and probe steps on
+the same batch are interleaved (plain, probe, plain, probe, ...) and the median of
+the per-pair time ratios is reported; absolute times are not comparable across
+runs on a shared machine, ratios measured side by side are. Also measured:
 
-    python benchmarks/step_cost.py --pairs 35 --out benchmarks/results/step_cost.json
+* ``interval=10``: the steps *between* probes (the probe is then a plain step);
+* scaling of the default curvature's ratio with depth (3-24 Tanh layers), width
+  and batch size, and of ``ggn-exact`` with depth;
+* peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of a probe step over
+  that of a plain step (exact); on CPU the bytes the probe holds on top of the
+  plain step (θ₀, d, the optimizer-state snapshot, the gradient backup) are
+  reported from their sizes, and the step's peak RSS growth over a plain step.
+
+    python benchmarks/step_cost.py --pairs 35 --out benchmarks/results/step_cost_cpu.json
+    python benchmarks/step_cost.py --device cuda --out benchmarks/results/step_cost_cuda.json
 """
 
 from __future__ import annotations
@@ -24,16 +31,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from problems import PROBLEMS  # noqa: E402
+from problems import PROBLEMS, BenchProblem, tanh_mlp  # noqa: E402
 
 from alphawrap import AlphaProbe  # noqa: E402
+from alphawrap.curvature import available  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-SELECTIONS = {
+SELECTIONS: dict[str, tuple[str, ...]] = {
     "hessian": ("hessian",),
     "four block-diagonal": ("hessian", "ggn", "pch-clip", "pch-abs"),
+    "ggn-exact": ("ggn-exact",),
+    "hessian-exact": ("hessian-exact",),
 }
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _closure(opt, model, loss_fn, x, y):
@@ -46,57 +61,149 @@ def _closure(opt, model, loss_fn, x, y):
     return closure
 
 
-def measure(problem, names, pairs, interval=1):
-    model, loss_fn, x, y = problem.make()
+def _pair(problem: BenchProblem, names, device, batch, interval=1, extended=False):
+    """A plain Adam and a probe, each on its own copy of the same model.
+
+    The plain step runs on the unextended model: the user's training loop before
+    the probe. The probe gets ``model=``/``loss_fn=`` (no ``extend`` needed), or,
+    with ``extended=True``, an ``extend``-ed model and no ``model=``.
+    """
+    model, loss_fn, x, y = problem.make(batch=batch, extended=False)
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    twin, twin_loss, _, _ = problem.make(batch=batch, extended=extended)
+    twin = twin.to(device)
     plain = torch.optim.Adam(model.parameters(), lr=1e-3)
-    probe = AlphaProbe(torch.optim.Adam(model.parameters(), lr=1e-3), curvature=names,
-                       interval=interval)
-    c_plain = _closure(plain, model, loss_fn, x, y)
-    c_probe = _closure(probe, model, loss_fn, x, y)
+    kwargs = {} if extended else {"model": twin, "loss_fn": twin_loss}
+    probe = AlphaProbe(
+        torch.optim.Adam(twin.parameters(), lr=1e-3),
+        curvature=names,
+        interval=interval,
+        **kwargs,
+    )
+    return (plain, _closure(plain, model, loss_fn, x, y)), (
+        probe,
+        _closure(probe, twin, twin_loss, x, y),
+    )
+
+
+def time_ratio(
+    problem, names, pairs, device="cpu", batch=128, interval=1, extended=False
+):
+    """Median over interleaved pairs of (probe step time) / (plain step time).
+
+    With ``interval > 1`` only the steps between probes are timed.
+    """
+    (plain, c_plain), (probe, c_probe) = _pair(
+        problem, names, device, batch, interval, extended
+    )
     for _ in range(3):
         plain.step(c_plain)
         probe.step(c_probe)
     ratios = []
-    for _ in range(pairs):
+    while len(ratios) < pairs:
+        probing = probe.step_count % probe.interval == 0
+        _sync(device)
         t0 = time.perf_counter()
-        for _ in range(interval):
-            plain.step(c_plain)
+        plain.step(c_plain)
+        _sync(device)
         t1 = time.perf_counter()
-        for _ in range(interval):
-            probe.step(c_probe)
+        probe.step(c_probe)
+        _sync(device)
         t2 = time.perf_counter()
-        ratios.append((t2 - t1) / (t1 - t0))
+        if interval == 1 or not probing:
+            ratios.append((t2 - t1) / (t1 - t0))
     return statistics.median(ratios)
+
+
+def memory(problem, names, device, batch=128):
+    """Peak memory of a probe step and of a plain step (bytes)."""
+    (plain, c_plain), (probe, c_probe) = _pair(problem, names, device, batch)
+    plain.step(c_plain)
+    probe.step(c_probe)
+    params = [p for g in probe.param_groups for p in g["params"]]
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+    state_bytes = sum(
+        v.numel() * v.element_size()
+        for s in probe.state.values()
+        for v in s.values()
+        if torch.is_tensor(v)
+    )
+    out = {"param_bytes": param_bytes, "state_bytes": state_bytes}
+    if device.startswith("cuda"):
+        peaks = {}
+        for label, (opt, closure) in (("plain", (plain, c_plain)), ("probe", (probe, c_probe))):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            opt.step(closure)
+            torch.cuda.synchronize()
+            peaks[label] = torch.cuda.max_memory_allocated() - base
+        out.update(
+            plain_peak_bytes=peaks["plain"],
+            probe_peak_bytes=peaks["probe"],
+            peak_ratio=peaks["probe"] / max(peaks["plain"], 1),
+            extra_over_params=(peaks["probe"] - peaks["plain"]) / param_bytes,
+        )
+    return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=35)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--curvature", action="append", default=None,
-                        help="extra single-curvature selections to time")
-    parser.add_argument("--out", default="benchmarks/results/step_cost.json")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="skip the scaling sweeps")
+    parser.add_argument("--out", default="benchmarks/results/step_cost_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    selections = dict(SELECTIONS)
-    for name in args.curvature or []:
-        selections[name] = (name,)
-    rows = []
+    names_known = set(available())
+    selections = {
+        k: v for k, v in SELECTIONS.items() if all(n in names_known for n in v)
+    }
+    rows, scaling, mem = [], [], []
+
+    def report(kind, **row):
+        row["ratio"] = round(row["ratio"], 3)
+        (rows if kind == "rows" else scaling).append(row)
+        print(kind, row, flush=True)
+
     for problem in PROBLEMS:
         for label, names in selections.items():
-            ratio = measure(problem, names, args.pairs)
-            rows.append({"problem": problem.name, "curvature": label, "ratio": ratio})
-            print(f"{problem.name:12s} {label:22s} {ratio:6.2f}x", flush=True)
-        ratio = measure(problem, ("hessian",), max(args.pairs // 5, 3), interval=10)
-        rows.append({"problem": problem.name, "curvature": "hessian, interval=10",
-                     "ratio": ratio})
-        print(f"{problem.name:12s} {'hessian, interval=10':22s} {ratio:6.2f}x", flush=True)
+            ratio = time_ratio(problem, names, args.pairs, args.device)
+            report("rows", problem=problem.name, curvature=label, ratio=ratio)
+        ratio = time_ratio(problem, ("hessian",), args.pairs, args.device, interval=10)
+        report("rows", problem=problem.name, curvature="between probes (interval=10)",
+               ratio=ratio)
+        ratio = time_ratio(problem, ("hessian",), args.pairs, args.device, extended=True)
+        report("rows", problem=problem.name, curvature="hessian via backpack.extend",
+               ratio=ratio)
+        for label, names in selections.items():
+            mem.append({"problem": problem.name, "curvature": label,
+                        **memory(problem, names, args.device)})
+    if not args.quick:
+        pairs = max(args.pairs // 2, 7)
+        for depth in (3, 6, 12, 24):
+            problem = BenchProblem(f"tanh-depth-{depth}", lambda d=depth: tanh_mlp(d))
+            for label in ("hessian", "ggn-exact"):
+                if label in selections:
+                    report("scaling", axis="depth", value=depth, curvature=label,
+                           ratio=time_ratio(problem, selections[label], pairs, args.device))
+        for width in (32, 128, 512):
+            problem = BenchProblem(f"tanh-width-{width}", lambda w=width: tanh_mlp(6, w))
+            report("scaling", axis="width", value=width, curvature="hessian",
+                   ratio=time_ratio(problem, ("hessian",), pairs, args.device))
+        for batch in (32, 128, 512):
+            report("scaling", axis="batch", value=batch, curvature="hessian",
+                   ratio=time_ratio(PROBLEMS[1], ("hessian",), pairs, args.device, batch))
     result = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "torch": torch.__version__,
         "threads": args.threads,
         "pairs": args.pairs,
         "rows": rows,
+        "scaling": scaling,
+        "memory": mem,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

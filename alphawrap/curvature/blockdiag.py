@@ -33,7 +33,8 @@ from backpack.extensions.curvmatprod.pchmp.activations import (
 )
 from torch import Tensor, nn
 
-from alphawrap.curvature.base import Curvature, EvaluationContext
+from alphawrap.curvature.base import Curvature
+from alphawrap.curvature.extension import BackpackCurvature, module_names
 from alphawrap.errors import CurvatureError
 
 
@@ -101,65 +102,26 @@ def _scale_loss_products(extension: BackpropExtension) -> BackpropExtension:
     return extension
 
 
-def supported_modules(extension: BackpropExtension) -> list[str]:
-    """Names of the module classes a BackPACK extension handles."""
-    mapping = getattr(extension, "_BackpropExtension__module_extensions", {})
-    return sorted(cls.__name__ for cls in mapping)
+supported_modules = module_names
 
 
-class BlockDiagonalCurvature(Curvature):
-    """Template: block quadratics from a BackPACK ``*MP`` extension.
+class BlockDiagonalCurvature(BackpackCurvature):
+    """Template: block quadratics from a BackPACK ``*MP`` extension's closures.
 
-    Subclasses implement :meth:`make_extension` and set :attr:`savefield`.
+    The reference path (the origin notebook's way, :math:`O(\text{depth}^2)`): the
+    registered names ``"hessian"``, ``"ggn"``, ``"pch-clip"``, ``"pch-abs"`` use the
+    tangent sweep of :mod:`alphawrap.curvature.sweep`, which the tests compare
+    with these. Subclasses implement :meth:`make_extension`.
     """
-
-    blockwise = True
-    needs_backpack_modules = True
-    savefield: ClassVar[str]
-
-    def make_extension(self) -> BackpropExtension:
-        """Return a fresh BackPACK extension saving to :attr:`savefield`."""
-        raise NotImplementedError
-
-    def supported_modules(self) -> list[str]:
-        return supported_modules(self.make_extension())
 
     def backpack_extensions(self) -> list[Any]:
         return [_scale_loss_products(self.make_extension())]
 
-    def check_backward(self, ctx: EvaluationContext) -> None:
-        missing = [
-            ctx.names[i]
-            for i in sorted(ctx.reached)
-            if not hasattr(ctx.params[i], self.savefield)
-        ]
-        if missing:
-            raise CurvatureError(
-                f"Curvature {self.name!r} ({self.description}) got no BackPACK "
-                f"quantity for parameter(s) {', '.join(missing)}, although the "
-                "backward pass reached them. Either the model is not extended "
-                "(use `model = backpack.extend(model)` before creating the "
-                "optimizer) or these parameters are used outside a module BackPACK "
-                "sees (functional calls, parameters of a custom module). Supported "
-                f"modules: {', '.join(self.supported_modules())}."
-            )
-
-    def quadratic(self, ctx: EvaluationContext) -> Tensor:
-        acc = ctx.accumulate_dtype
-        values = []
-        for i, (p, d) in enumerate(zip(ctx.params, ctx.directions)):
-            if i not in ctx.reached:
-                # The loss does not depend on this block: its curvature is zero.
-                values.append(torch.zeros((), dtype=acc, device=d.device))
-                continue
-            product = getattr(p, self.savefield)(d.unsqueeze(0))[0]
-            values.append(torch.sum(product.to(acc) * d.to(acc)))
-        return torch.stack(values)
-
-    def cleanup(self, params: Sequence[Tensor]) -> None:
-        for p in params:
-            if hasattr(p, self.savefield):
-                delattr(p, self.savefield)
+    def block_quadratic(
+        self, stored: Any, direction: Tensor, dtype: torch.dtype
+    ) -> Tensor:
+        product = stored(direction.unsqueeze(0))[0]
+        return torch.sum(product.to(dtype) * direction.to(dtype))
 
 
 class BlockHessian(BlockDiagonalCurvature):

@@ -40,14 +40,6 @@ from alphawrap.curvature.extension import (
 class DiagonalCurvature(BackpackCurvature):
     """Template: ``Σ_i diag(C)_i d_i²`` from a BackPACK diagonal extension."""
 
-    extension_class: ClassVar[type[BackpropExtension]]
-
-    def make_extension(self) -> BackpropExtension:
-        """Return a fresh BackPACK extension saving to :attr:`savefield`."""
-        extension = self.extension_class()
-        extension.savefield = self.savefield
-        return extension
-
     def block_quadratic(
         self, stored: Any, direction: Tensor, dtype: torch.dtype
     ) -> Tensor:
@@ -118,14 +110,5 @@ class DiagonalGGNMC(SeededMixin, DiagonalCurvature):
     name = "diag-ggn-mc"
     description = "Monte-Carlo diagonal of the GGN, BackPACK DiagGGNMC"
     savefield = "_alphawrap_diag_ggn_mc"
+    extension_class = DiagGGNMC
     scales_with_loss = False
-
-    def __init__(self, mc_samples: int = 1, seed: int = 0) -> None:
-        super().__init__(seed)
-        self.mc_samples = mc_samples
-
-    def make_extension(self) -> BackpropExtension:
-        """Return a fresh BackPACK extension saving to :attr:`savefield`."""
-        extension = DiagGGNMC(mc_samples=self.mc_samples)
-        extension.savefield = self.savefield
-        return private_randomness(extension, self.next_seed)

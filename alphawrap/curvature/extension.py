@@ -94,9 +94,13 @@ class BackpackCurvature(Curvature):
     needs_backpack_modules = True
     savefield: ClassVar[str]
 
-    @abstractmethod
+    extension_class: ClassVar[type[BackpropExtension]]
+
     def make_extension(self) -> BackpropExtension:
         """Return a fresh BackPACK extension saving to :attr:`savefield`."""
+        extension = self.extension_class()
+        extension.savefield = self.savefield
+        return extension
 
     @abstractmethod
     def block_quadratic(
@@ -151,15 +155,29 @@ class BackpackCurvature(Curvature):
 
 
 class SeededMixin:
-    """Seed counter for the Monte-Carlo backends (one draw per backward pass).
+    """Monte-Carlo backends: sampled labels from a private seeded stream.
+
+    One draw per backward pass; draw ``k`` uses ``hash((seed, k))``, so probing
+    does not consume the training's random numbers.
 
     Args:
-        seed: Seed of the stream; draw ``k`` uses ``hash((seed, k))``.
+        mc_samples: Sampled labels per example.
+        seed: Seed of the private random stream.
     """
 
-    def __init__(self, seed: int = 0) -> None:
+    savefield: str
+    extension_class: Any
+
+    def __init__(self, mc_samples: int = 1, seed: int = 0) -> None:
+        self.mc_samples = mc_samples
         self.seed = int(seed)
         self.draws = 0
+
+    def make_extension(self) -> BackpropExtension:
+        """Return a fresh extension whose loss modules sample privately."""
+        extension = self.extension_class(mc_samples=self.mc_samples)
+        extension.savefield = self.savefield
+        return private_randomness(extension, self.next_seed)
 
     def next_seed(self) -> int:
         """Seed of the next draw."""

@@ -80,14 +80,6 @@ def kronecker_quadratic(factors: Sequence[Tensor], direction: Tensor) -> Tensor:
 class KroneckerCurvature(BackpackCurvature):
     """Template: block quadratics from BackPACK's Kronecker factors."""
 
-    extension_class: ClassVar[type[BackpropExtension]]
-
-    def make_extension(self) -> BackpropExtension:
-        """Return a fresh BackPACK extension saving to :attr:`savefield`."""
-        extension = self.extension_class()
-        extension.savefield = self.savefield
-        return extension
-
     def block_quadratic(
         self, stored: Any, direction: Tensor, dtype: torch.dtype
     ) -> Tensor:
@@ -110,17 +102,8 @@ class KFACCurvature(SeededMixin, KroneckerCurvature):
     name = "kfac"
     description = "Kronecker-factored GGN, Monte-Carlo (BackPACK KFAC)"
     savefield = "_alphawrap_kfac"
+    extension_class = KFAC
     scales_with_loss = False
-
-    def __init__(self, mc_samples: int = 1, seed: int = 0) -> None:
-        super().__init__(seed)
-        self.mc_samples = mc_samples
-
-    def make_extension(self) -> BackpropExtension:
-        """Return a fresh BackPACK extension saving to :attr:`savefield`."""
-        extension = KFAC(mc_samples=self.mc_samples)
-        extension.savefield = self.savefield
-        return private_randomness(extension, self.next_seed)
 
 
 class KFLRCurvature(KroneckerCurvature):
