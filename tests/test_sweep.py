@@ -187,3 +187,21 @@ def test_sweep_exact_matches_dense(problem, with_blocks):
     hess = full_hessian_quadratic(model, loss_fn, x, y, directions)
     torch.testing.assert_close(values["ggn-exact"], ggn, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(values["hessian-exact"], hess, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["hessian", "ggn"])
+def test_sweep_matches_backpack_with_batchnorm(name):
+    """BatchNorm1d in training mode: a non-diagonal residual (BackPACK's rule)."""
+
+    def build():
+        torch.manual_seed(0)
+        model = extend(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(),
+                                     nn.Linear(4, 2)).double())
+        x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+        return model, extend(nn.MSELoss()), x, y
+
+    _, ref = _quadratics(*build(), [REFERENCE[name]()])
+    fast = [cls() for cls in FAST[:2]]
+    share_engine(fast)
+    _, got = _quadratics(*build(), fast)
+    torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12)
