@@ -7,7 +7,12 @@ rescaled step.
 """
 
 from alphawrap.curvature import available as available_curvatures
-from alphawrap.errors import ClosureError, CurvatureError, ProbeError
+from alphawrap.errors import (
+    ClosureError,
+    CurvatureError,
+    DistributedProbeError,
+    ProbeError,
+)
 from alphawrap.history import History, ProbeRecord
 from alphawrap.probe import AlphaProbe, Capture
 from alphawrap.quadratic import Status, optimal_step
@@ -28,5 +33,6 @@ __all__ = [
     # errors
     "ClosureError",
     "CurvatureError",
+    "DistributedProbeError",
     "ProbeError",
 ]

@@ -502,6 +502,20 @@ class AlphaProbe(Optimizer):
         undefined result takes ``fallback``. :attr:`apply_state` holds ``λ``,
         the smoothed and the last ``α``; :meth:`state_dict` saves them.
 
+        Why these defaults (all off): ``python benchmarks/training.py
+        --ablation`` (digits and regression MLPs, Adam and SGD+momentum, lr
+        1e-4..1e-1, 3 seeds, ``curvature="ggn-exact"``; see the README). With
+        an exact curvature the plain ``α*`` trained best or as well as any
+        option: smoothing 0.5 helped Adam on digits but hurt SGD and the
+        regression, smoothing 0.9 diverged with SGD+momentum, fixed or adaptive
+        damping changed nothing consistently (and ``adaptive_damping`` costs a
+        forward pass), and ``reuse_alpha=True`` with ``interval=4`` trained
+        Adam well but diverged with SGD+momentum (the momentum lengthens
+        ``d`` while the reused ``α`` is stale). Apply mode needs an accurate
+        curvature: with the block-diagonal ``"hessian"`` (``α*`` about 3×
+        too long, ``benchmarks/accuracy.py``) every classification run
+        diverged, damping included; use ``curvature="ggn-exact"``.
+
     Example:
         >>> import torch
         >>> from backpack import extend
