@@ -23,16 +23,16 @@ __all__ = [
     # the wrapper
     "AlphaProbe",
     "Capture",
+    # errors
+    "ClosureError",
+    "CurvatureError",
+    "DistributedProbeError",
     # records
     "History",
+    "ProbeError",
     "ProbeRecord",
     "Status",
     # maths
     "available_curvatures",
     "optimal_step",
-    # errors
-    "ClosureError",
-    "CurvatureError",
-    "DistributedProbeError",
-    "ProbeError",
 ]

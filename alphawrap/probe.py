@@ -59,6 +59,7 @@ Mode = Literal["observe", "apply"]
 MODES: tuple[str, ...] = ("observe", "apply")
 FALLBACKS: tuple[str, ...] = ("inner", "skip", "last")
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "inner")
+EXACT_CURVATURES: tuple[str, ...] = ("ggn-exact", "hessian-exact")
 STATE_KEY = "alphawrap"
 STATE_FORMAT = 1
 
@@ -430,11 +431,16 @@ class AlphaProbe(Optimizer):
             is not rolled back (exactly as with the unwrapped optimizer).
         history_size: Keep at most this many records (``None``: all).
         model: Optional model whose ``named_parameters()`` name the parameters in
-            error messages and records. Required (with ``loss_fn``) by the exact
-            curvatures ``"ggn-exact"`` and ``"hessian-exact"``: the probe then
-            records, during the closure, the arguments of the one call of
-            ``model`` and of ``loss_fn`` (hooks; nothing is computed twice) and
-            replays ``loss_fn(model(...))`` at ``θ₀`` along ``d`` (see
+            error messages and records. With ``loss_fn`` an ``nn.CrossEntropyLoss``
+            or ``nn.MSELoss``, the block and exact curvatures record what they need
+            with plain forward hooks that exist only while a probed closure runs
+            (:class:`~alphawrap.curvature.sweep.HookRecorder`): no
+            ``backpack.extend`` is needed and steps between probes cost nothing.
+            Required (with ``loss_fn``) by the exact curvatures ``"ggn-exact"``
+            and ``"hessian-exact"``: on a chain of supported modules they come
+            from the stored forward; otherwise the probe records the arguments of
+            the closure's one call of ``model`` and of ``loss_fn`` and replays
+            ``loss_fn(model(...))`` at ``θ₀`` along ``d`` (see
             :mod:`alphawrap.batch`). Pass the module itself, not a DDP wrapper.
         distributed: Under ``torch.distributed`` (DDP), combine the per-process
             loss and curvature with one ``all_reduce`` per probed step so every
@@ -448,7 +454,8 @@ class AlphaProbe(Optimizer):
             ``torch.nn.functional`` function (e.g. ``F.cross_entropy``; its calls
             are seen however the closure refers to it) or any callable the
             closure then calls as ``probe.loss_fn(output, target)``. Needed by
-            the exact curvatures only.
+            the exact curvatures and the truth check; with ``model`` it replaces
+            ``backpack.extend`` for the block curvatures (see ``model``).
         per_block: Also record ``dᵀg``, ``dᵀCd`` and ``α*`` per parameter and
             per parameter group, for every block curvature, in
             ``record.extra["blocks"]`` and ``record.extra["groups"]`` (see
@@ -572,7 +579,8 @@ class AlphaProbe(Optimizer):
         self.fallback = _validate_fallback(fallback)
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
-                f"Invalid on_nonfinite {on_nonfinite!r}: use one of {NONFINITE_POLICIES}."
+                f"Invalid on_nonfinite {on_nonfinite!r}: use one of "
+                f"{NONFINITE_POLICIES}."
             )
         self.on_nonfinite = on_nonfinite
         self.bounds = _validate_bounds(bounds)
@@ -645,6 +653,23 @@ class AlphaProbe(Optimizer):
     def mode(self, value: str) -> None:
         if value not in MODES:
             raise ValueError(f"Invalid mode {value!r}: use one of {MODES}.")
+        primary = self._curvatures[0].name
+        if (
+            value == "apply"
+            and getattr(self, "_mode", None) != "apply"
+            and (primary not in EXACT_CURVATURES)
+        ):
+            warnings.warn(
+                f"Apply mode with the primary curvature {primary!r}: approximate "
+                "curvatures drop (mostly positive) cross-block terms, so their α* "
+                "overshoots the line minimum (about 3x for the block-diagonal ones, "
+                "100x for the diagonal ones, benchmarks/accuracy.py) and apply mode "
+                "diverged with them in benchmarks/training.py. Use "
+                "curvature='ggn-exact' (with model= and loss_fn=) for apply mode, "
+                "or bounds=... to cap the step.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._mode = value
 
     @property
@@ -1461,7 +1486,8 @@ class AlphaProbe(Optimizer):
         devices = {p.device for p in self._params()}
         if len(devices) > 1:
             raise ProbeError(
-                f"The parameters live on several devices ({sorted(map(str, devices))}); "
+                "The parameters live on several devices "
+                f"({sorted(map(str, devices))}); "
                 "AlphaProbe needs all parameters of the wrapped optimizer on one "
                 "device. Move the model with model.to(device) before creating the "
                 "optimizer."
@@ -1502,9 +1528,7 @@ _NOTE_PREFIX = "alphawrap: "
 
 
 def _noted(error: BaseException) -> bool:
-    return any(
-        str(n).startswith(_NOTE_PREFIX) for n in getattr(error, "__notes__", ())
-    )
+    return any(str(n).startswith(_NOTE_PREFIX) for n in getattr(error, "__notes__", ()))
 
 
 def _note(error: BaseException, what: str, *, undone: bool = True) -> None:
@@ -1578,12 +1602,14 @@ def _check_inner(optimizer: Any) -> None:
     if isinstance(optimizer, type):
         raise TypeError(
             f"AlphaProbe wraps an optimizer instance, got the class "
-            f"{optimizer.__name__}: use AlphaProbe({optimizer.__name__}(model.parameters(), ...))."
+            f"{optimizer.__name__}: use "
+            f"AlphaProbe({optimizer.__name__}(model.parameters(), ...))."
         )
     if isinstance(optimizer, AlphaProbe):
         raise TypeError(
             "AlphaProbe cannot wrap another AlphaProbe: request several curvatures "
-            "from one probe instead, e.g. AlphaProbe(opt, curvature=('hessian', 'ggn'))."
+            "from one probe instead, e.g. "
+            "AlphaProbe(opt, curvature=('hessian', 'ggn'))."
         )
     if not isinstance(optimizer, Optimizer):
         raise TypeError(

@@ -20,7 +20,7 @@ from enum import Enum
 
 
 class Status(str, Enum):
-    """Why :math:`\\alpha^*` is (un)defined on a step.
+    r"""Why :math:`\alpha^*` is (un)defined on a step.
 
     The value is the string stored in history records.
     """

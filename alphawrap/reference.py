@@ -199,7 +199,13 @@ def recursive_block_quadratics(
             if full not in directions:
                 continue
 
-            def out_of(v: Tensor, pname: str = pname) -> Tensor:
+            def out_of(
+                v: Tensor,
+                pname: str = pname,
+                module: nn.Module = module,
+                own: dict[str, Tensor] = own,
+                x_in: Tensor = x_in,
+            ) -> Tensor:
                 return functional_call(module, {**own, pname: v}, (x_in,))
 
             jd = jacobian(out_of, p).reshape(-1, p.numel()) @ _flat(directions[full])
@@ -212,7 +218,11 @@ def recursive_block_quadratics(
 
         j_x = jacobian(through, x_in).reshape(-1, x_in.numel())
         delta_fixed = delta.detach()
-        r = hessian(lambda inp: _flat(through(inp)) @ delta_fixed, x_in)
+
+        def pairing(inp: Tensor, delta_fixed: Tensor = delta_fixed) -> Tensor:
+            return _flat(through(inp)) @ delta_fixed
+
+        r = hessian(pairing, x_in)
         r = r.reshape(x_in.numel(), x_in.numel())
         h = j_x.T @ h @ j_x + _modify(r, residual)
         delta = j_x.T @ delta
@@ -418,8 +428,7 @@ def slope_standard_error(
     """
     grads = per_sample_gradients(model, loss_fn, x, y)
     s = sum(
-        grads[name].reshape(x.shape[0], -1) @ _flat(d)
-        for name, d in directions.items()
+        grads[name].reshape(x.shape[0], -1) @ _flat(d) for name, d in directions.items()
     )
     n = x.shape[0]
     return torch.sqrt(torch.sum((s - s.mean()) ** 2) * n / (n - 1))

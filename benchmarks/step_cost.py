@@ -8,13 +8,13 @@ runs on a shared machine, ratios measured side by side are. Also measured:
 * ``interval=10``: the steps *between* probes (the probe is then a plain step);
 * scaling of the default curvature's ratio with depth (3-24 Tanh layers), width
   and batch size, and of ``ggn-exact`` with depth;
-* peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of a probe step over
-  that of a plain step (exact); on CPU the bytes the probe holds on top of the
-  plain step (θ₀, d, the optimizer-state snapshot, the gradient backup) are
-  reported from their sizes, and the step's peak RSS growth over a plain step.
+* peak memory on CUDA: ``torch.cuda.max_memory_allocated`` of a probe step and
+  of a plain step (on CPU only the sizes of parameters and optimizer state are
+  recorded, for the README's accounting).
 
-    python benchmarks/step_cost.py --pairs 35 --out benchmarks/results/step_cost_cpu.json
-    python benchmarks/step_cost.py --device cuda --out benchmarks/results/step_cost_cuda.json
+    python benchmarks/step_cost.py --pairs 25
+    python benchmarks/step_cost.py --device cuda \
+        --out benchmarks/results/step_cost_cuda.json
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from problems import PROBLEMS, BenchProblem, tanh_mlp  # noqa: E402
+from problems import PROBLEMS, BenchProblem, tanh_mlp
 
-from alphawrap import AlphaProbe  # noqa: E402
-from alphawrap.curvature import available  # noqa: E402
+from alphawrap import AlphaProbe
+from alphawrap.curvature import available
 
 warnings.filterwarnings("ignore")
 
@@ -131,7 +131,10 @@ def memory(problem, names, device, batch=128):
     out = {"param_bytes": param_bytes, "state_bytes": state_bytes}
     if device.startswith("cuda"):
         peaks = {}
-        for label, (opt, closure) in (("plain", (plain, c_plain)), ("probe", (probe, c_probe))):
+        for label, (opt, closure) in (
+            ("plain", (plain, c_plain)),
+            ("probe", (probe, c_probe)),
+        ):
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -172,32 +175,68 @@ def main(argv=None):
             ratio = time_ratio(problem, names, args.pairs, args.device)
             report("rows", problem=problem.name, curvature=label, ratio=ratio)
         ratio = time_ratio(problem, ("hessian",), args.pairs, args.device, interval=10)
-        report("rows", problem=problem.name, curvature="between probes (interval=10)",
-               ratio=ratio)
-        ratio = time_ratio(problem, ("hessian",), args.pairs, args.device, extended=True)
-        report("rows", problem=problem.name, curvature="hessian via backpack.extend",
-               ratio=ratio)
+        report(
+            "rows",
+            problem=problem.name,
+            curvature="between probes (interval=10)",
+            ratio=ratio,
+        )
+        ratio = time_ratio(
+            problem, ("hessian",), args.pairs, args.device, extended=True
+        )
+        report(
+            "rows",
+            problem=problem.name,
+            curvature="hessian via backpack.extend",
+            ratio=ratio,
+        )
         for label, names in selections.items():
-            mem.append({"problem": problem.name, "curvature": label,
-                        **memory(problem, names, args.device)})
+            mem.append(
+                {
+                    "problem": problem.name,
+                    "curvature": label,
+                    **memory(problem, names, args.device),
+                }
+            )
     if not args.quick:
         pairs = max(args.pairs // 2, 7)
         for depth in (3, 6, 12, 24):
             problem = BenchProblem(f"tanh-depth-{depth}", lambda d=depth: tanh_mlp(d))
             for label in ("hessian", "ggn-exact"):
                 if label in selections:
-                    report("scaling", axis="depth", value=depth, curvature=label,
-                           ratio=time_ratio(problem, selections[label], pairs, args.device))
+                    report(
+                        "scaling",
+                        axis="depth",
+                        value=depth,
+                        curvature=label,
+                        ratio=time_ratio(
+                            problem, selections[label], pairs, args.device
+                        ),
+                    )
         for width in (32, 128, 512):
-            problem = BenchProblem(f"tanh-width-{width}", lambda w=width: tanh_mlp(6, w))
-            report("scaling", axis="width", value=width, curvature="hessian",
-                   ratio=time_ratio(problem, ("hessian",), pairs, args.device))
+            problem = BenchProblem(
+                f"tanh-width-{width}", lambda w=width: tanh_mlp(6, w)
+            )
+            report(
+                "scaling",
+                axis="width",
+                value=width,
+                curvature="hessian",
+                ratio=time_ratio(problem, ("hessian",), pairs, args.device),
+            )
         for batch in (32, 128, 512):
-            report("scaling", axis="batch", value=batch, curvature="hessian",
-                   ratio=time_ratio(PROBLEMS[1], ("hessian",), pairs, args.device, batch))
+            report(
+                "scaling",
+                axis="batch",
+                value=batch,
+                curvature="hessian",
+                ratio=time_ratio(PROBLEMS[1], ("hessian",), pairs, args.device, batch),
+            )
     result = {
         "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "device": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else "cpu",
         "torch": torch.__version__,
         "threads": args.threads,
         "pairs": args.pairs,

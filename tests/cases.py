@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,7 +46,7 @@ class Problem:
 def _mlp(act: type[nn.Module], widths=(4, 5, 3)) -> Callable[[], list[nn.Module]]:
     def build() -> list[nn.Module]:
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(widths)):
             if i:
                 layers.append(act())
             layers.append(nn.Linear(a, b))

@@ -17,8 +17,12 @@ from tests.cases import PROBLEM_IDS, PROBLEMS
 RESIDUAL = {"hessian": "keep", "ggn": "drop", "pch-clip": "clip", "pch-abs": "abs"}
 # The straightforward path (BackPACK's closures, summed per block): the reference
 # the fast tangent sweep is compared with in tests/test_sweep.py.
-BACKPACK_PATH = {"hessian": BlockHessian, "ggn": BlockGGN, "pch-clip": PCHClip,
-                 "pch-abs": PCHAbs}
+BACKPACK_PATH = {
+    "hessian": BlockHessian,
+    "ggn": BlockGGN,
+    "pch-clip": PCHClip,
+    "pch-abs": PCHAbs,
+}
 
 
 def _backend_quadratics(problem, names):

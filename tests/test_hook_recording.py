@@ -39,18 +39,25 @@ def _step(probe, model, loss_fn, x, y):
 def test_block_curvatures_without_extend_match_reference():
     model, loss_fn, x, y = _plain_problem()
     names = list(RESIDUAL)
-    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                       curvature=[*names, "ggn-exact"], model=model, loss_fn=loss_fn)
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        curvature=[*names, "ggn-exact"],
+        model=model,
+        loss_fn=loss_fn,
+    )
     for _ in range(3):
         directions, current = _step(probe, model, loss_fn, x, y)
         rec = probe.history[-1]
         for name in names:
-            ref = recursive_block_quadratics(model, loss_fn, x, y, directions,
-                                             RESIDUAL[name])
-            assert rec.curvatures[name] == pytest.approx(sum(ref.values()).item(),
-                                                         rel=1e-9)
+            ref = recursive_block_quadratics(
+                model, loss_fn, x, y, directions, RESIDUAL[name]
+            )
+            assert rec.curvatures[name] == pytest.approx(
+                sum(ref.values()).item(), rel=1e-9
+            )
         assert rec.curvatures["ggn-exact"] == pytest.approx(
-            full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9)
+            full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+        )
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(current[n])
@@ -58,8 +65,9 @@ def test_block_curvatures_without_extend_match_reference():
 
 def test_no_hooks_remain_between_steps():
     model, loss_fn, x, y = _plain_problem()
-    probe = AlphaProbe(torch.optim.Adam(model.parameters()), model=model,
-                       loss_fn=loss_fn)
+    probe = AlphaProbe(
+        torch.optim.Adam(model.parameters()), model=model, loss_fn=loss_fn
+    )
     _step(probe, model, loss_fn, x, y)
     for module in [*model.modules(), loss_fn]:
         assert not module._forward_hooks and not module._forward_pre_hooks
@@ -74,9 +82,12 @@ def test_exact_curvatures_reuse_the_stored_forward(monkeypatch):
         raise AssertionError("replayed the model")
 
     monkeypatch.setattr(exact, "_pass", fail)
-    probe = AlphaProbe(torch.optim.Adam(model.parameters()),
-                       curvature=("ggn-exact", "hessian-exact"), model=model,
-                       loss_fn=loss_fn)
+    probe = AlphaProbe(
+        torch.optim.Adam(model.parameters()),
+        curvature=("ggn-exact", "hessian-exact"),
+        model=model,
+        loss_fn=loss_fn,
+    )
     _step(probe, model, loss_fn, x, y)
     assert probe.history[-1].status == "ok" or probe.history[-1].alpha is None
 
@@ -85,11 +96,12 @@ def test_unsupported_module_names_it_and_the_alternatives():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 3))
     loss_fn = nn.CrossEntropyLoss()
-    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
-                       loss_fn=loss_fn)
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
-    with pytest.raises(CurvatureError, match="GELU.*ggn-exact"):
+    with pytest.raises(CurvatureError, match=r"GELU.*ggn-exact"):
         _step(probe, model, loss_fn, x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert len(probe.history) == 0
@@ -100,7 +112,39 @@ def test_module_used_twice_is_refused():
     layer = nn.Linear(3, 3)
     model = nn.Sequential(layer, nn.Tanh(), layer)
     loss_fn = nn.MSELoss()
-    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1), model=model,
-                       loss_fn=loss_fn)
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
     with pytest.raises(CurvatureError, match="more than once"):
         _step(probe, model, loss_fn, torch.randn(4, 3), torch.randn(4, 3))
+
+
+def test_loss_subclass_falls_back_to_the_replay():
+    """A subclass of a loss module may compute something else: the sweep does not
+    claim it (exact class match, like BackPACK); the exact curvature replays."""
+
+    class LabelSmoothed(nn.CrossEntropyLoss):
+        def __init__(self):
+            super().__init__(label_smoothing=0.1)
+
+    model, _, x, y = _plain_problem()
+    loss_fn = LabelSmoothed()
+    probe = AlphaProbe(
+        torch.optim.Adam(model.parameters()),
+        curvature="ggn-exact",
+        model=model,
+        loss_fn=loss_fn,
+    )
+    directions, _ = _step(probe, model, loss_fn, x, y)
+    assert probe.history[-1].curvatures["ggn-exact"] == pytest.approx(
+        full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+    )
+
+
+def test_apply_mode_with_a_block_curvature_warns():
+    model, _loss_fn, _, _ = _plain_problem()
+    with pytest.warns(UserWarning, match="ggn-exact"):
+        AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1), mode="apply")
+    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.warns(UserWarning, match="ggn-exact"):
+        probe.mode = "apply"

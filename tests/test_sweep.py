@@ -159,10 +159,14 @@ def _engine_exact(model, loss_fn, x, y, kinds, seed=1):
         loss_fn(model(x), y).backward()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed)
-    directions = {n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in named}
+    directions = {
+        n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in named
+    }
     ctx = EvaluationContext(
-        params=[p for _, p in named], directions=list(directions.values()),
-        reached=set(range(len(named))), names=[n for n, _ in named],
+        params=[p for _, p in named],
+        directions=list(directions.values()),
+        reached=set(range(len(named))),
+        names=[n for n, _ in named],
         accumulate_dtype=torch.float64,
     )
     assert engine.supports_exact(ctx)
@@ -172,9 +176,10 @@ def _engine_exact(model, loss_fn, x, y, kinds, seed=1):
     return directions, values
 
 
-@pytest.mark.parametrize("with_blocks", [False, True], ids=["total-only", "with-blocks"])
-@pytest.mark.parametrize("problem", [*PROBLEMS, "cnn"],
-                         ids=[*PROBLEM_IDS, "cnn"])
+@pytest.mark.parametrize(
+    "with_blocks", [False, True], ids=["total-only", "with-blocks"]
+)
+@pytest.mark.parametrize("problem", [*PROBLEMS, "cnn"], ids=[*PROBLEM_IDS, "cnn"])
 def test_sweep_exact_matches_dense(problem, with_blocks):
     """ggn-exact and hessian-exact from the stored forward equal the dense full
     GGN/Hessian quadratics (cross-layer terms included)."""
@@ -195,9 +200,15 @@ def test_sweep_matches_backpack_with_batchnorm(name):
 
     def build():
         torch.manual_seed(0)
-        model = extend(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(),
-                                     nn.Linear(4, 2)).double())
-        x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+        model = extend(
+            nn.Sequential(
+                nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)
+            ).double()
+        )
+        x, y = (
+            torch.randn(6, 3, dtype=torch.float64),
+            torch.randn(6, 2, dtype=torch.float64),
+        )
         return model, extend(nn.MSELoss()), x, y
 
     _, ref = _quadratics(*build(), [REFERENCE[name]()])

@@ -9,8 +9,8 @@ the others return a scalar.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -93,7 +93,7 @@ class Curvature(ABC):
 
     @abstractmethod
     def quadratic(self, ctx: EvaluationContext) -> Tensor:
-        """Return ``dᵀCd``: shape ``[len(params)]`` if :attr:`blockwise`, else ``[]``."""
+        """Return ``dᵀCd``: ``[len(params)]`` if :attr:`blockwise`, else ``[]``."""
 
     def cleanup(self, params: Sequence[Tensor]) -> None:  # noqa: B027
         """Drop what the backward pass stored (called before and after a step)."""

@@ -106,7 +106,7 @@ supported_modules = module_names
 
 
 class BlockDiagonalCurvature(BackpackCurvature):
-    """Template: block quadratics from a BackPACK ``*MP`` extension's closures.
+    r"""Template: block quadratics from a BackPACK ``*MP`` extension's closures.
 
     The reference path (the origin notebook's way, :math:`O(\text{depth}^2)`): the
     registered names ``"hessian"``, ``"ggn"``, ``"pch-clip"``, ``"pch-abs"`` use the

@@ -22,7 +22,7 @@ whole by it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from backpack.extensions import DiagGGNExact, DiagGGNMC, DiagHessian
@@ -33,7 +33,6 @@ from alphawrap.curvature.extension import (
     _LOSS_MODULES,
     BackpackCurvature,
     SeededMixin,
-    private_randomness,
 )
 
 

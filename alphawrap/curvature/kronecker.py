@@ -37,7 +37,7 @@ stream (see :mod:`alphawrap.curvature.extension`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from backpack.extensions import KFAC, KFLR, KFRA
@@ -47,7 +47,6 @@ from torch import Tensor, nn
 from alphawrap.curvature.extension import (
     BackpackCurvature,
     SeededMixin,
-    private_randomness,
 )
 from alphawrap.errors import CurvatureError
 

@@ -39,6 +39,7 @@ refused with a clear error rather than giving silently wrong numbers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -180,7 +181,8 @@ class HookRecorder:
 
 
 def _is_loss(trace: _Trace) -> bool:
-    return isinstance(trace.module, (nn.MSELoss, nn.CrossEntropyLoss))
+    # Exact classes, like BackPACK: a subclass may compute something else.
+    return type(trace.module) in (nn.MSELoss, nn.CrossEntropyLoss)
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -209,7 +211,7 @@ class TangentSweep:
 
     def bind(self, model: nn.Module | None, loss_fn: Any) -> None:
         """Record with plain hooks on ``model`` if it and a loss module are known."""
-        if model is not None and isinstance(loss_fn, (nn.MSELoss, nn.CrossEntropyLoss)):
+        if model is not None and type(loss_fn) in (nn.MSELoss, nn.CrossEntropyLoss):
             self.hooks = HookRecorder(model, loss_fn)
 
     @property
@@ -316,7 +318,7 @@ class TangentSweep:
                 "each module once. Use an exact curvature."
             )
         loss, layers = trace[0], trace[:0:-1]  # layers in forward order
-        links = [(b, a) for a, b in zip(layers, layers[1:])]
+        links = [(b, a) for a, b in itertools.pairwise(layers)]
         for later, earlier in links:
             if not _same_tensor(later.inputs[0], earlier.output):
                 raise CurvatureError(
