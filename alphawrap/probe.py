@@ -18,30 +18,46 @@ Any exception during 1–5 restores parameters, gradients, inner state and histo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from backpack import backpack
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from alphawrap import curvature as curvature_registry
-from alphawrap.batch import BatchRecorder, RecordingLoss, is_overridable
+from alphawrap.batch import BatchRecorder, RecordingLoss
 from alphawrap.blocks import BlockBreakdown
+from alphawrap.closure import (
+    CLOSURE_FREE_HELP,
+    Capture,
+    ClosureSession,
+    Pending,
+    note,
+    noted,
+)
 from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
-from alphawrap.direction import BackwardMonitor, GradBackup, StepTransaction
+from alphawrap.direction import StepTransaction
 from alphawrap.distributed import DistributedReducer
 from alphawrap.errors import ClosureError, ProbeError
 from alphawrap.history import History, ProbeRecord
 from alphawrap.noise import GradientNoise
+from alphawrap.options import (
+    EXACT_CURVATURES,
+    MODES,
+    NONFINITE_POLICIES,
+    ApplyOptions,
+    ApplyState,
+    Mode,
+    check_model_and_loss,
+    validate_bounds,
+    validate_fallback,
+)
 from alphawrap.quadratic import (
     Status,
     adapt_damping,
@@ -55,331 +71,8 @@ from alphawrap.quadratic import (
 )
 from alphawrap.truth import BatchObjective, line_search
 
-Mode = Literal["observe", "apply"]
-MODES: tuple[str, ...] = ("observe", "apply")
-FALLBACKS: tuple[str, ...] = ("inner", "skip", "last")
-NONFINITE_POLICIES: tuple[str, ...] = ("skip", "inner")
-EXACT_CURVATURES: tuple[str, ...] = ("ggn-exact", "hessian-exact")
 STATE_KEY = "alphawrap"
 STATE_FORMAT = 1
-
-_CLOSURE_FREE_HELP = (
-    "Either pass a closure that zeroes the gradients, computes the loss, calls "
-    "loss.backward() and returns the loss:\n"
-    "    probe.step(closure)\n"
-    "or run your own backward inside the probe's capture context, then step:\n"
-    "    with probe.capture() as cap:\n"
-    "        loss = loss_fn(model(x), y)\n"
-    "        loss.backward()\n"
-    "        cap.loss = loss  # optional, recorded in the history\n"
-    "    probe.step()"
-)
-
-
-def _validate_fallback(fallback: str | float) -> str | float:
-    if isinstance(fallback, str):
-        if fallback not in FALLBACKS:
-            raise ValueError(
-                f"Invalid fallback {fallback!r}: use one of {FALLBACKS} or a finite "
-                "multiplier >= 0 (e.g. 1.0 takes the inner step)."
-            )
-        return fallback
-    if isinstance(fallback, bool) or not isinstance(fallback, (int, float)):
-        raise TypeError(
-            f"fallback must be one of {FALLBACKS} or a float, got {fallback!r}."
-        )
-    if not math.isfinite(fallback) or fallback < 0:
-        raise ValueError(
-            f"Invalid fallback multiplier {fallback}: need a finite value >= 0."
-        )
-    return float(fallback)
-
-
-def _validate_bounds(bounds: tuple[float, float] | None) -> tuple[float, float] | None:
-    if bounds is None:
-        return None
-    try:
-        low, high = (float(b) for b in bounds)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"bounds must be None or a pair (low, high) of numbers, got {bounds!r}."
-        ) from error
-    if not (math.isfinite(low) and 0.0 <= low <= high) or math.isnan(high):
-        raise ValueError(
-            f"Invalid bounds {bounds!r}: need 0 <= low <= high, low finite "
-            "(high may be math.inf)."
-        )
-    return low, high
-
-
-@dataclass
-class _Pending:
-    """Result of a closure (or a capture) that the step consumes."""
-
-    loss: Tensor | None
-    reached: set[int]
-    backup: GradBackup
-    loss_scale: Any = None
-    batch: Any = None  # alphawrap.batch.RecordedBatch, for the exact curvatures
-
-
-@dataclass(frozen=True)
-class _ApplyOptions:
-    """The truth check, ρ and the apply-mode options, validated (see AlphaProbe)."""
-
-    truth_every: int | None = None
-    track_rho: bool = False
-    smoothing: float = 0.0
-    damping: float = 0.0
-    adaptive_damping: bool = False
-    damping_factor: float = 1.5
-    reuse_alpha: bool = False
-
-    DAMPING_BOUNDS = (1e-8, 1e8)  # ClassVar: range of the adaptive λ
-
-    @classmethod
-    def validate(cls, *, model: Any, loss_fn: Any, **options: Any) -> _ApplyOptions:
-        every = options["truth_every"]
-        if every is not None and (
-            isinstance(every, bool) or not isinstance(every, int) or every < 1
-        ):
-            raise ValueError(
-                f"Invalid truth_every {every!r}: need None (off) or an int >= 1 "
-                "(run the line search on probed steps whose index is a multiple)."
-            )
-        for name in ("track_rho", "adaptive_damping", "reuse_alpha"):
-            if not isinstance(options[name], bool):
-                raise TypeError(f"{name} must be True or False, got {options[name]!r}.")
-        smoothing = options["smoothing"]
-        if isinstance(smoothing, bool) or not (
-            isinstance(smoothing, (int, float)) and 0.0 <= smoothing < 1.0
-        ):
-            raise ValueError(
-                f"Invalid smoothing {smoothing!r}: need a number in [0, 1) (the EMA "
-                "factor β of ln α; 0: no smoothing)."
-            )
-        damping = options["damping"]
-        if isinstance(damping, bool) or not (
-            isinstance(damping, (int, float))
-            and math.isfinite(damping)
-            and damping >= 0
-        ):
-            raise ValueError(
-                f"Invalid damping {damping!r}: need a finite number >= 0 (λ in "
-                "dᵀCd + λ‖d‖²)."
-            )
-        factor = options["damping_factor"]
-        if isinstance(factor, bool) or not (
-            isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1
-        ):
-            raise ValueError(
-                f"Invalid damping_factor {factor!r}: need a finite number > 1 (ω of "
-                "the Levenberg-Marquardt rule)."
-            )
-        wanted = [
-            name
-            for name, on in (
-                (f"truth_every={every}", every is not None),
-                ("track_rho=True", options["track_rho"]),
-                ("adaptive_damping=True", options["adaptive_damping"]),
-            )
-            if on
-        ]
-        if wanted and (model is None or loss_fn is None):
-            missing = " and ".join(
-                name
-                for name, value in (("model=", model), ("loss_fn=", loss_fn))
-                if value is None
-            )
-            raise TypeError(
-                f"{', '.join(wanted)} re-evaluates the mini-batch loss along the "
-                f"update, so AlphaProbe needs {missing}: AlphaProbe(optimizer, "
-                "model=model, loss_fn=loss_fn, ...), where the closure computes "
-                "loss_fn(model(inputs), targets) once (loss_fn: a loss module, a "
-                "torch.nn.functional function such as F.cross_entropy, or any "
-                "callable that the closure then calls as probe.loss_fn(output, "
-                "targets))."
-            )
-        if options["adaptive_damping"]:
-            damping = max(float(damping), cls.DAMPING_BOUNDS[0])
-        return cls(
-            truth_every=every,
-            track_rho=options["track_rho"],
-            smoothing=float(smoothing),
-            damping=float(damping),
-            adaptive_damping=options["adaptive_damping"],
-            damping_factor=float(factor),
-            reuse_alpha=options["reuse_alpha"],
-        )
-
-    def truth_due(self, step: int) -> bool:
-        return self.truth_every is not None and step % self.truth_every == 0
-
-    @property
-    def rho_needed(self) -> bool:
-        return self.track_rho or self.adaptive_damping
-
-
-@dataclass(frozen=True)
-class _ApplyState:
-    """What apply mode carries from step to step (saved in the state dict)."""
-
-    damping: float = 0.0
-    log_alpha: float | None = None  # EMA of ln α (smoothing)
-    last_alpha: float | None = None  # last multiplier applied from a defined α
-
-    def to_dict(self) -> dict[str, float | None]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> _ApplyState:
-        if not isinstance(data, dict):
-            raise ValueError(f"apply state must be a dict, got {type(data).__name__}")
-        values = {}
-        for key in ("damping", "log_alpha", "last_alpha"):
-            value = data.get(key)
-            if value is not None:
-                value = float(value)
-                if not math.isfinite(value):
-                    raise ValueError(f"apply state {key}={value} is not finite")
-            values[key] = value
-        if values["damping"] is None or values["damping"] < 0:
-            raise ValueError(f"apply state damping={values['damping']} is not >= 0")
-        return cls(**values)
-
-
-class Capture:
-    """Context manager returned by :meth:`AlphaProbe.capture`.
-
-    Attributes:
-        loss: Set it to the loss tensor inside the block to record the loss.
-    """
-
-    def __init__(self, probe: AlphaProbe, loss_scale: Any) -> None:
-        self._probe = probe
-        self._loss_scale = loss_scale
-        self.loss: Tensor | None = None
-
-    def __enter__(self) -> Capture:
-        self._probe._pending = None
-        self._session = self._probe._closure_session()
-        self._session.label = "the capture() block"
-        self._session.__enter__()
-        return self
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        pending = self._session.finish(exc, self.loss, require_loss=False)
-        pending.loss_scale = self._loss_scale
-        self._probe._pending = pending
-        return False
-
-
-class _ClosureSession:
-    """Runs user code that calls backward, inside the probe's BackPACK context."""
-
-    def __init__(self, probe: AlphaProbe) -> None:
-        self.probe = probe
-        self.params = probe._params()
-        self.probing = probe._will_probe()
-        self.label = "the closure"
-
-    def __enter__(self) -> _ClosureSession:
-        self.backup = GradBackup(self.params)
-        self.probe._cleanup(self.params)
-        self.monitor = BackwardMonitor(self.params).__enter__()
-        extensions = (
-            [ext for c in self.probe._curvatures for ext in c.backpack_extensions()]
-            if self.probing
-            else []
-        )
-        if self.probing and self.probe._noise is not None:
-            extensions += self.probe._noise.backpack_extensions()
-        # No extension (exact curvatures only, unprobed steps): no BackPACK context,
-        # so models with modules BackPACK does not know run untouched.
-        self._backpack = (
-            backpack(*extensions) if extensions else contextlib.nullcontext()
-        )
-        self._backpack.__enter__()
-        self._recordings = contextlib.ExitStack()
-        if self.probing:
-            for c in self.probe._curvatures:
-                self._recordings.enter_context(c.recording())
-        self.recorder = self.probe._batch_recorder() if self.probing else None
-        if self.recorder is not None:
-            self.recorder.__enter__()
-        return self
-
-    def _close(self) -> None:
-        self._recordings.close()
-        if self.recorder is not None:
-            self.recorder.__exit__(None, None, None)
-        self._backpack.__exit__(None, None, None)
-        self.monitor.__exit__(None, None, None)
-
-    def fail(self, error: BaseException) -> BaseException:
-        """Undo what the user code did and return the error to raise."""
-        self.probe._distributed.explain(error)  # e.g. DDP's all_reduce timed out
-        self.backup.restore()
-        self.probe._cleanup(self.params)
-        translated = (
-            translate_backpack_error(
-                error, self.probe._curvatures, self.probe._alternatives()
-            )
-            if isinstance(error, Exception)
-            else None
-        )
-        if translated is not None:
-            translated.__cause__ = error
-            return translated
-        if not isinstance(error, ProbeError):
-            when = "after" if self.monitor.reached else "before"
-            _note(error, f"{self.label} raised {when} backward()")
-        return error
-
-    def finish(
-        self, exc: BaseException | None, loss: Any, *, require_loss: bool
-    ) -> _Pending:
-        """Close the context, validate what happened, return the pending step."""
-        self._close()
-        if exc is not None:
-            raise self.fail(exc)
-        batch = None
-        try:
-            loss_tensor = self.probe._check_loss(
-                loss, require_loss, backward_ran=bool(self.monitor.reached)
-            )
-            if not self.monitor.reached:
-                raise ClosureError(
-                    "The closure did not call backward(): no parameter received a "
-                    "gradient. " + _CLOSURE_FREE_HELP
-                )
-            for i in self.monitor.reached:
-                if self.params[i].grad is not None and self.params[i].grad.is_sparse:
-                    raise ProbeError(
-                        f"Parameter {self.probe._names()[i]} has a sparse gradient; "
-                        "BackPACK and AlphaProbe need dense gradients (use "
-                        "nn.Embedding(sparse=False))."
-                    )
-            if self.probing:
-                if self.recorder is not None:
-                    batch = self.recorder.batch(loss_tensor)
-                ctx = self.probe._context(
-                    self.params, [], self.monitor.reached, batch=batch
-                )
-                for c in self.probe._curvatures:
-                    c.check_backward(ctx)
-                if self.probe._noise is not None:
-                    self.probe._noise.check_backward(ctx)
-        except BaseException as error:
-            if self.probing and self.monitor.reached:
-                # Backward ran (and DDP's gradient all_reduce with it): the other
-                # processes are heading for the probe's collective; tell them.
-                self.probe._distributed.start_step()
-                self.probe._distributed.abort(error)
-            raise self.fail(error) from None
-        return _Pending(
-            loss_tensor, set(self.monitor.reached), self.backup, batch=batch
-        )
 
 
 class AlphaProbe(Optimizer):
@@ -567,7 +260,7 @@ class AlphaProbe(Optimizer):
     ) -> None:
         _check_inner(optimizer)
         self._curvatures: list[Curvature] = curvature_registry.resolve(curvature)
-        self._model, self._loss_fn = _check_model_and_loss(
+        self._model, self._loss_fn = check_model_and_loss(
             self._curvatures, model, loss_fn
         )
         for c in self._curvatures:
@@ -576,14 +269,14 @@ class AlphaProbe(Optimizer):
         self._noise = GradientNoise(model) if noise else None
         self.inner = optimizer
         self.mode = mode
-        self.fallback = _validate_fallback(fallback)
+        self.fallback = validate_fallback(fallback)
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"Invalid on_nonfinite {on_nonfinite!r}: use one of "
                 f"{NONFINITE_POLICIES}."
             )
         self.on_nonfinite = on_nonfinite
-        self.bounds = _validate_bounds(bounds)
+        self.bounds = validate_bounds(bounds)
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"Invalid interval {interval!r}: need an int >= 1.")
         self.interval = interval
@@ -602,9 +295,9 @@ class AlphaProbe(Optimizer):
             {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         )
         self._step_count = 0
-        self._pending: _Pending | None = None
+        self._pending: Pending | None = None
         self._record_callbacks: list[Callable[[ProbeRecord], None]] = []
-        self._options = _ApplyOptions.validate(
+        self._options = ApplyOptions.validate(
             truth_every=truth_every,
             track_rho=track_rho,
             smoothing=smoothing,
@@ -615,8 +308,8 @@ class AlphaProbe(Optimizer):
             model=self._model,
             loss_fn=self._loss_fn,
         )
-        self._apply_state = _ApplyState(damping=self._options.damping)
-        self._next_state: _ApplyState | None = None
+        self._apply_state = ApplyState(damping=self._options.damping)
+        self._next_state: ApplyState | None = None
         # What Optimizer.__init__ would set up; calling it would assign over the
         # param_groups/state/defaults properties that forward to the inner optimizer.
         # OrderedDict as there: torch's RemovableHandle keeps a weak reference to it.
@@ -795,7 +488,7 @@ class AlphaProbe(Optimizer):
                 stacklevel=2,
             )
             history, step, mode = History(maxlen=self.history.maxlen), 0, self.mode
-            apply_state = _ApplyState(damping=self._options.damping)
+            apply_state = ApplyState(damping=self._options.damping)
         else:
             history, step, mode = self._parse_section(section)
             apply_state = self._parse_apply_state(section)
@@ -806,12 +499,12 @@ class AlphaProbe(Optimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _parse_apply_state(self, section: Any) -> _ApplyState:
+    def _parse_apply_state(self, section: Any) -> ApplyState:
         """Apply-mode state of a state dict (absent in older ones: start afresh)."""
         if "apply" not in section:
-            return _ApplyState(damping=self._options.damping)
+            return ApplyState(damping=self._options.damping)
         try:
-            return _ApplyState.from_dict(section["apply"])
+            return ApplyState.from_dict(section["apply"])
         except (TypeError, ValueError) as error:
             raise ValueError(
                 f"The state dict's {STATE_KEY!r} section has a corrupted 'apply' "
@@ -923,7 +616,7 @@ class AlphaProbe(Optimizer):
             if pending is None:
                 raise ClosureError(
                     "step() needs a closure or a preceding capture() block.\n"
-                    + _CLOSURE_FREE_HELP
+                    + CLOSURE_FREE_HELP
                 )
             result = None
         else:
@@ -942,7 +635,7 @@ class AlphaProbe(Optimizer):
                     stage = self._inner_stage()
                     self._unprobed_step()
                 except BaseException as error:
-                    _note(error, f"{stage} on an unprobed step", undone=False)
+                    note(error, f"{stage} on an unprobed step", undone=False)
                     raise
                 self._step_count += 1
                 return result
@@ -960,7 +653,7 @@ class AlphaProbe(Optimizer):
         self._probe_step(pending)
         return result
 
-    def _probe_step(self, pending: _Pending) -> None:
+    def _probe_step(self, pending: Pending) -> None:
         self._distributed.start_step()
         params = self._params()
         transaction: StepTransaction | None = None
@@ -999,8 +692,8 @@ class AlphaProbe(Optimizer):
             if transaction is not None:
                 transaction.rollback()
             pending.backup.restore()
-            if not _noted(error):
-                _note(error, stage)
+            if not noted(error):
+                note(error, stage)
             translated = (
                 translate_backpack_error(error, self._curvatures, self._alternatives())
                 if isinstance(error, Exception)
@@ -1026,7 +719,7 @@ class AlphaProbe(Optimizer):
         return lambda: self._record_callbacks.remove(callback)
 
     def _evaluate(
-        self, params: list[Tensor], directions: list[Tensor], pending: _Pending
+        self, params: list[Tensor], directions: list[Tensor], pending: Pending
     ) -> list[float]:
         """All scalars of the step with one device-to-host transfer.
 
@@ -1049,7 +742,7 @@ class AlphaProbe(Optimizer):
             try:
                 quads.append(c.quadratic(ctx))
             except BaseException as error:
-                _note(error, f"computing curvature {c.name!r} ({c.description}) raised")
+                note(error, f"computing curvature {c.name!r} ({c.description}) raised")
                 raise
         scale = pending.loss_scale
         if scale is not None:
@@ -1079,7 +772,7 @@ class AlphaProbe(Optimizer):
         return self._distributed.unpack(packed.tolist())
 
     def _decide(
-        self, numbers: list[float], pending: _Pending
+        self, numbers: list[float], pending: Pending
     ) -> tuple[ProbeRecord, float | None]:
         """Turn the step's scalars into a record and the multiplier to apply.
 
@@ -1221,7 +914,7 @@ class AlphaProbe(Optimizer):
         self,
         record: ProbeRecord,
         multiplier: float | None,
-        pending: _Pending,
+        pending: Pending,
         params: list[Tensor],
         transaction: StepTransaction,
     ) -> ProbeRecord:
@@ -1346,8 +1039,8 @@ class AlphaProbe(Optimizer):
         return f"the inner optimizer {type(self.inner).__name__} raised during its step"
 
     # ----------------------------------------------------------------- helpers
-    def _closure_session(self) -> _ClosureSession:
-        return _ClosureSession(self)
+    def _closure_session(self) -> ClosureSession:
+        return ClosureSession(self)
 
     def _will_probe(self) -> bool:
         return self._step_count % self.interval == 0
@@ -1493,57 +1186,6 @@ class AlphaProbe(Optimizer):
                 "optimizer."
             )
 
-    def _check_loss(
-        self, loss: Any, require: bool, backward_ran: bool = False
-    ) -> Tensor | None:
-        if loss is None:
-            if require:
-                raise ClosureError(
-                    "The closure returned None; it must return the loss tensor. "
-                    + _CLOSURE_FREE_HELP
-                )
-            return None
-        if not isinstance(loss, Tensor):
-            raise ClosureError(
-                f"The closure returned a {type(loss).__name__}; it must return the "
-                "loss as a scalar tensor (return loss, not loss.item())."
-            )
-        if loss.numel() != 1:
-            raise ClosureError(
-                f"The closure returned a tensor of shape {tuple(loss.shape)}; it must "
-                "return the scalar loss (reduce it with .mean() or .sum())."
-            )
-        # A detached copy is fine once backward ran (PyTorch Lightning's closure
-        # returns loss.detach()); without backward it signals a no_grad mistake.
-        if not loss.requires_grad and not backward_ran:
-            raise ClosureError(
-                "The closure returned a loss that does not require grad (detached or "
-                "computed under torch.no_grad()); return the loss you called "
-                "backward() on."
-            )
-        return loss
-
-
-_NOTE_PREFIX = "alphawrap: "
-
-
-def _noted(error: BaseException) -> bool:
-    return any(str(n).startswith(_NOTE_PREFIX) for n in getattr(error, "__notes__", ()))
-
-
-def _note(error: BaseException, what: str, *, undone: bool = True) -> None:
-    """Say on ``error`` which stage of the step failed (its type is kept)."""
-    if not hasattr(error, "add_note"):  # Python 3.10
-        return
-    if undone:
-        tail = (
-            "the step was undone: parameters, gradients, optimizer state and "
-            "history are unchanged."
-        )
-    else:
-        tail = "steps between probes take no snapshot and are not rolled back."
-    error.add_note(f"{_NOTE_PREFIX}{what}; {tail}")
-
 
 def _update_is_finite(
     theta0: Sequence[Tensor], directions: Sequence[Tensor], alpha: float
@@ -1563,39 +1205,6 @@ def _as_float(value: Any) -> float | None:
     if value is None:
         return None
     return float(value)
-
-
-def _check_model_and_loss(
-    curvatures: Sequence[Curvature], model: Any, loss_fn: Any
-) -> tuple[nn.Module | None, Any]:
-    """Validate ``model=``/``loss_fn=``; wrap a plain-Python loss for recording."""
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-    needing = [c.name for c in curvatures if c.needs_batch]
-    if needing and (model is None or loss_fn is None):
-        missing = " and ".join(
-            name
-            for name, value in (("model=", model), ("loss_fn=", loss_fn))
-            if value is None
-        )
-        raise TypeError(
-            f"Curvature {', '.join(map(repr, needing))} re-evaluates the loss along "
-            f"the update, so AlphaProbe needs {missing}: "
-            "AlphaProbe(optimizer, curvature=..., model=model, loss_fn=loss_fn), "
-            "where the closure computes loss_fn(model(inputs), targets) (loss_fn: "
-            "a loss module, a torch.nn.functional function such as "
-            "F.cross_entropy, or any callable that the closure then calls as "
-            "probe.loss_fn(output, targets))."
-        )
-    if (
-        loss_fn is not None
-        and not isinstance(loss_fn, nn.Module)
-        and not is_overridable(loss_fn)
-    ):
-        loss_fn = RecordingLoss(loss_fn)
-    return model, loss_fn
 
 
 def _check_inner(optimizer: Any) -> None:

@@ -1,0 +1,231 @@
+"""Running the user's closure (or capture block) inside the probe's recording.
+
+:class:`ClosureSession` backs the gradients up, activates what the curvatures
+need (BackPACK extensions, recording hooks, the batch recorder), runs the user
+code, validates what it returned and whether it called ``backward()``, and on any
+failure restores the gradients and translates BackPACK's errors. The result is a
+:class:`Pending` step that :meth:`AlphaProbe.step` consumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from backpack import backpack
+from torch import Tensor
+
+from alphawrap.curvature.blockdiag import translate_backpack_error
+from alphawrap.direction import BackwardMonitor, GradBackup
+from alphawrap.errors import ClosureError, ProbeError
+
+if TYPE_CHECKING:
+    from alphawrap.probe import AlphaProbe
+
+CLOSURE_FREE_HELP = (
+    "Either pass a closure that zeroes the gradients, computes the loss, calls "
+    "loss.backward() and returns the loss:\n"
+    "    probe.step(closure)\n"
+    "or run your own backward inside the probe's capture context, then step:\n"
+    "    with probe.capture() as cap:\n"
+    "        loss = loss_fn(model(x), y)\n"
+    "        loss.backward()\n"
+    "        cap.loss = loss  # optional, recorded in the history\n"
+    "    probe.step()"
+)
+
+
+@dataclass
+class Pending:
+    """Result of a closure (or a capture) that the step consumes."""
+
+    loss: Tensor | None
+    reached: set[int]
+    backup: GradBackup
+    loss_scale: Any = None
+    batch: Any = None  # alphawrap.batch.RecordedBatch, for the exact curvatures
+
+
+def check_loss(loss: Any, require: bool, backward_ran: bool = False) -> Tensor | None:
+    """Validate what a closure returned: a scalar loss (``None`` if allowed)."""
+    if loss is None:
+        if require:
+            raise ClosureError(
+                "The closure returned None; it must return the loss tensor. "
+                + CLOSURE_FREE_HELP
+            )
+        return None
+    if not isinstance(loss, Tensor):
+        raise ClosureError(
+            f"The closure returned a {type(loss).__name__}; it must return the "
+            "loss as a scalar tensor (return loss, not loss.item())."
+        )
+    if loss.numel() != 1:
+        raise ClosureError(
+            f"The closure returned a tensor of shape {tuple(loss.shape)}; it must "
+            "return the scalar loss (reduce it with .mean() or .sum())."
+        )
+    # A detached copy is fine once backward ran (PyTorch Lightning's closure
+    # returns loss.detach()); without backward it signals a no_grad mistake.
+    if not loss.requires_grad and not backward_ran:
+        raise ClosureError(
+            "The closure returned a loss that does not require grad (detached or "
+            "computed under torch.no_grad()); return the loss you called "
+            "backward() on."
+        )
+    return loss
+
+
+_NOTE_PREFIX = "alphawrap: "
+
+
+def noted(error: BaseException) -> bool:
+    """Whether :func:`note` already named the failing stage on ``error``."""
+    return any(str(n).startswith(_NOTE_PREFIX) for n in getattr(error, "__notes__", ()))
+
+
+def note(error: BaseException, what: str, *, undone: bool = True) -> None:
+    """Say on ``error`` which stage of the step failed (its type is kept)."""
+    if not hasattr(error, "add_note"):  # Python 3.10
+        return
+    if undone:
+        tail = (
+            "the step was undone: parameters, gradients, optimizer state and "
+            "history are unchanged."
+        )
+    else:
+        tail = "steps between probes take no snapshot and are not rolled back."
+    error.add_note(f"{_NOTE_PREFIX}{what}; {tail}")
+
+
+class Capture:
+    """Context manager returned by :meth:`AlphaProbe.capture`.
+
+    Attributes:
+        loss: Set it to the loss tensor inside the block to record the loss.
+    """
+
+    def __init__(self, probe: AlphaProbe, loss_scale: Any) -> None:
+        self._probe = probe
+        self._loss_scale = loss_scale
+        self.loss: Tensor | None = None
+
+    def __enter__(self) -> Capture:
+        self._probe._pending = None
+        self._session = self._probe._closure_session()
+        self._session.label = "the capture() block"
+        self._session.__enter__()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        pending = self._session.finish(exc, self.loss, require_loss=False)
+        pending.loss_scale = self._loss_scale
+        self._probe._pending = pending
+        return False
+
+
+class ClosureSession:
+    """Runs user code that calls backward, inside the probe's BackPACK context."""
+
+    def __init__(self, probe: AlphaProbe) -> None:
+        self.probe = probe
+        self.params = probe._params()
+        self.probing = probe._will_probe()
+        self.label = "the closure"
+
+    def __enter__(self) -> ClosureSession:
+        self.backup = GradBackup(self.params)
+        self.probe._cleanup(self.params)
+        self.monitor = BackwardMonitor(self.params).__enter__()
+        extensions = (
+            [ext for c in self.probe._curvatures for ext in c.backpack_extensions()]
+            if self.probing
+            else []
+        )
+        if self.probing and self.probe._noise is not None:
+            extensions += self.probe._noise.backpack_extensions()
+        # No extension (exact curvatures only, unprobed steps): no BackPACK context,
+        # so models with modules BackPACK does not know run untouched.
+        self._backpack = (
+            backpack(*extensions) if extensions else contextlib.nullcontext()
+        )
+        self._backpack.__enter__()
+        self._recordings = contextlib.ExitStack()
+        if self.probing:
+            for c in self.probe._curvatures:
+                self._recordings.enter_context(c.recording())
+        self.recorder = self.probe._batch_recorder() if self.probing else None
+        if self.recorder is not None:
+            self.recorder.__enter__()
+        return self
+
+    def _close(self) -> None:
+        self._recordings.close()
+        if self.recorder is not None:
+            self.recorder.__exit__(None, None, None)
+        self._backpack.__exit__(None, None, None)
+        self.monitor.__exit__(None, None, None)
+
+    def fail(self, error: BaseException) -> BaseException:
+        """Undo what the user code did and return the error to raise."""
+        self.probe._distributed.explain(error)  # e.g. DDP's all_reduce timed out
+        self.backup.restore()
+        self.probe._cleanup(self.params)
+        translated = (
+            translate_backpack_error(
+                error, self.probe._curvatures, self.probe._alternatives()
+            )
+            if isinstance(error, Exception)
+            else None
+        )
+        if translated is not None:
+            translated.__cause__ = error
+            return translated
+        if not isinstance(error, ProbeError):
+            when = "after" if self.monitor.reached else "before"
+            note(error, f"{self.label} raised {when} backward()")
+        return error
+
+    def finish(
+        self, exc: BaseException | None, loss: Any, *, require_loss: bool
+    ) -> Pending:
+        """Close the context, validate what happened, return the pending step."""
+        self._close()
+        if exc is not None:
+            raise self.fail(exc)
+        batch = None
+        try:
+            loss_tensor = check_loss(
+                loss, require_loss, backward_ran=bool(self.monitor.reached)
+            )
+            if not self.monitor.reached:
+                raise ClosureError(
+                    "The closure did not call backward(): no parameter received a "
+                    "gradient. " + CLOSURE_FREE_HELP
+                )
+            for i in self.monitor.reached:
+                if self.params[i].grad is not None and self.params[i].grad.is_sparse:
+                    raise ProbeError(
+                        f"Parameter {self.probe._names()[i]} has a sparse gradient; "
+                        "BackPACK and AlphaProbe need dense gradients (use "
+                        "nn.Embedding(sparse=False))."
+                    )
+            if self.probing:
+                if self.recorder is not None:
+                    batch = self.recorder.batch(loss_tensor)
+                ctx = self.probe._context(
+                    self.params, [], self.monitor.reached, batch=batch
+                )
+                for c in self.probe._curvatures:
+                    c.check_backward(ctx)
+                if self.probe._noise is not None:
+                    self.probe._noise.check_backward(ctx)
+        except BaseException as error:
+            if self.probing and self.monitor.reached:
+                # Backward ran (and DDP's gradient all_reduce with it): the other
+                # processes are heading for the probe's collective; tell them.
+                self.probe._distributed.start_step()
+                self.probe._distributed.abort(error)
+            raise self.fail(error) from None
+        return Pending(loss_tensor, set(self.monitor.reached), self.backup, batch=batch)
