@@ -23,12 +23,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from backpack import extend
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from problems import relu_mlp, small_cnn, tanh_mlp
 
 from alphawrap import AlphaProbe, available_curvatures
 from alphawrap.batch import RecordedBatch
@@ -38,43 +43,7 @@ from alphawrap.curvature.exact import ExactGGN, ExactHessian
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
-def relu_mlp() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(64, 128),
-        nn.ReLU(),
-        nn.Linear(128, 128),
-        nn.ReLU(),
-        nn.Linear(128, 10),
-    )
-
-
-def tanh_mlp() -> nn.Module:
-    layers: list[nn.Module] = [nn.Linear(64, 64)]
-    for _ in range(7):
-        layers += [nn.Tanh(), nn.Linear(64, 64)]
-    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(64, 10))
-
-
-class _Image(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, 1, 8, 8)
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, 10),
-    )
-
-
-MODELS = {"relu-mlp": relu_mlp, "tanh-mlp": tanh_mlp, "cnn": cnn}
+MODELS = {"relu-mlp": relu_mlp, "tanh-mlp": tanh_mlp, "cnn": small_cnn}
 
 
 def data(model_name: str, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,15 +23,6 @@ from alphawrap.quadratic import (
     smooth_log_alpha,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------ pure maths
 
 

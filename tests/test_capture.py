@@ -17,14 +17,6 @@ LOSS_FN = extend(nn.CrossEntropyLoss())
 BLOCK = ["hessian", "ggn", "pch-clip", "pch-abs"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model() -> nn.Sequential:
     torch.manual_seed(0)
     # Tanh: curvature has residual terms that are scaled through the backward pass

@@ -47,15 +47,6 @@ def make_batches(
 LOSS_FN = extend(nn.CrossEntropyLoss())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: extra intra-op threads only oversubscribe a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def closure_for(probe: Optimizer, model: nn.Module, batch: tuple[Tensor, Tensor]):
     x, y = batch
 

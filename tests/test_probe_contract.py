@@ -24,14 +24,6 @@ IN, HIDDEN, OUT, BATCH = 4, 5, 3, 8
 LOSS_FN = extend(nn.CrossEntropyLoss())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(extended: bool = True) -> nn.Sequential:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))

@@ -17,15 +17,6 @@ from alphawrap import AlphaProbe
 from alphawrap.batch import RecordedBatch
 from alphawrap.truth import BatchObjective, line_search
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------ line_search alone
 
 
