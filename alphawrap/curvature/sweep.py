@@ -472,16 +472,19 @@ class TangentSweep:
         r = rule.residual_diagonal(trace)
         if r is not None:
             if parts:
+                # Split by sign: with s = ẋ², Σ s·r (Hessian) and Σ s·r⁺ (clip)
+                # give Σ s·|r| = 2 Σ s·r⁺ − Σ s·r (abs): two reductions at most.
                 squares = tangents * tangents
+                full = positive = None
+                if "hessian" in parts or "pch-abs" in parts:
+                    full = _per_slot(squares * r, acc)
+                if "pch-clip" in parts or "pch-abs" in parts:
+                    positive = _per_slot(squares * r.clamp(min=0), acc)
+                values = {"hessian": full, "pch-clip": positive}
+                if "pch-abs" in parts:
+                    values["pch-abs"] = 2 * positive - full
                 for k in parts:
-                    modified = (
-                        r
-                        if k == "hessian"
-                        else r.clamp(min=0)
-                        if k == "pch-clip"
-                        else r.abs()
-                    )
-                    parts[k].append((count, _per_slot(squares * modified, acc)))
+                    parts[k].append((count, values[k]))
             if exact_hessian:
                 extra.append(torch.sum((total * total * r).to(acc)))
             return
