@@ -76,7 +76,7 @@ class StepTransaction:
     """Snapshot of ``θ₀`` and of the inner optimizer, taken before its step.
 
     After :meth:`take_inner_step`, :attr:`directions` holds ``d = θ₁ - θ₀`` and the
-    parameters hold ``θ₁``. :meth:`at_theta0` temporarily swaps ``θ₀`` in (no
+    parameters hold ``θ₁``. :meth:`swap` temporarily swaps ``θ₀`` in (no
     copy), :meth:`commit_scaled` writes ``θ₀ + α d``, :meth:`rollback` restores
     parameters and inner state exactly as they were before the step.
 

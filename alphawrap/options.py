@@ -153,10 +153,6 @@ class ApplyOptions:
     def truth_due(self, step: int) -> bool:
         return self.truth_every is not None and step % self.truth_every == 0
 
-    @property
-    def rho_needed(self) -> bool:
-        return self.track_rho or self.adaptive_damping
-
 
 @dataclass(frozen=True)
 class ApplyState:

@@ -3,12 +3,14 @@ r"""``AlphaProbe``: the optimizer wrapper, its contract and the step orchestrati
 Replace ``optim.Adam(...)`` with ``AlphaProbe(optim.Adam(...))`` and keep
 training. Each probed ``step(closure)``
 
-1. runs the closure once, inside a BackPACK context that collects every requested
-   curvature in the same backward pass (gradients are restored if it fails);
+1. runs the closure once while recording what every requested curvature needs
+   from that one backward pass (plain hooks when ``model=``/``loss_fn=`` are
+   given, else a BackPACK context; gradients are restored if it fails);
 2. lets the inner optimizer take its real step and measures its update
    :math:`d = \theta_1 - \theta_0`;
 3. swaps :math:`\theta_0` back in (no copy) and evaluates :math:`d^\top g` and
-   :math:`d^\top C d` for each curvature, with a single device-to-host transfer;
+   :math:`d^\top C d` for each curvature, all scalars in one device-to-host
+   transfer (apply mode adds one finiteness check of the new parameters);
 4. observe mode keeps :math:`\theta_1`; apply mode writes
    :math:`\theta_0 + \alpha^* d` (or a documented fallback);
 5. appends a :class:`~alphawrap.history.ProbeRecord` to :attr:`AlphaProbe.history`.
@@ -196,7 +198,7 @@ class AlphaProbe(Optimizer):
         damping_factor: ``ω > 1`` of the adaptive rule (default ``1.5``).
         reuse_alpha: Apply mode with ``interval > 1``: the steps between probes
             take ``θ₀ + α_last d``, the last multiplier applied from a defined
-            ``α`` (default ``True``); ``False``: the plain inner step.
+            ``α``; ``False`` (default): the plain inner step.
 
         Order in apply mode: damping, then smoothing, then ``bounds``; an
         undefined result takes ``fallback``. :attr:`apply_state` holds ``λ``,
@@ -419,6 +421,8 @@ class AlphaProbe(Optimizer):
                 curvatures, self._model, self._loss_fn
             )
         self._curvatures = curvatures
+        if self._model is not None:  # parameters are new objects after a copy
+            self._param_names = {id(p): n for n, p in self._model.named_parameters()}
         self._pending = None
         self._patch_step_function()
 
@@ -641,7 +645,8 @@ class AlphaProbe(Optimizer):
                 return result
             session = self._closure_session().__enter__()
             try:
-                result = closure()
+                with torch.enable_grad():  # the torch.optim convention
+                    result = closure()
             except BaseException as error:
                 session._close()
                 raise session.fail(error) from None
@@ -872,7 +877,12 @@ class AlphaProbe(Optimizer):
 
     def _replays_loss(self) -> bool:
         """Whether this (probed) step re-evaluates the loss along ``d``."""
-        return self._options.rho_needed or self._options.truth_due(self._step_count)
+        return self._rho_due() or self._options.truth_due(self._step_count)
+
+    def _rho_due(self) -> bool:
+        """ρ is measured when asked for, or when it drives damping (apply mode)."""
+        options = self._options
+        return options.track_rho or (options.adaptive_damping and self.mode == "apply")
 
     def _propose(
         self,
@@ -943,7 +953,7 @@ class AlphaProbe(Optimizer):
                     line_status=found.status,
                     line_evaluations=found.evaluations,
                 )
-            if options.rho_needed:
+            if self._rho_due():
                 t = 1.0 if multiplier is None else multiplier
                 if record.action == "skip":
                     t = 0.0

@@ -148,3 +148,99 @@ def test_apply_mode_with_a_block_curvature_warns():
     probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.warns(UserWarning, match="ggn-exact"):
         probe.mode = "apply"
+
+
+def _bn_problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)
+    ).double()
+    return (
+        model,
+        nn.MSELoss(),
+        torch.randn(6, 3, dtype=torch.float64),
+        torch.randn(6, 2, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("order", [("hessian-exact",), ("hessian", "hessian-exact")])
+def test_exact_hessian_does_not_depend_on_what_else_is_requested(order):
+    """A block curvature must not make the sweep serve hessian-exact on a module
+    that is not bilinear (train-mode BatchNorm): it must fall back to the replay."""
+    from alphawrap.reference import full_hessian_quadratic
+
+    model, loss_fn, x, y = _bn_problem()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        curvature=order,
+        model=model,
+        loss_fn=loss_fn,
+    )
+    directions, _ = _step(probe, model, loss_fn, x, y)
+    model.train()
+    assert probe.history[-1].curvatures["hessian-exact"] == pytest.approx(
+        full_hessian_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-8
+    )
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(3.0)  # invisible to the recorded forward
+        return self.b(h)
+
+
+def test_in_place_change_between_modules_is_detected():
+    torch.manual_seed(0)
+    model, loss_fn = _InPlace(), nn.MSELoss()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
+    with pytest.raises(CurvatureError, match="in place"):
+        _step(probe, model, loss_fn, torch.randn(5, 3), torch.randn(5, 2))
+
+
+def test_probed_step_runs_the_closure_with_grad_enabled():
+    model, loss_fn, x, y = _plain_problem()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
+
+    def closure():
+        probe.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        probe.step(closure)
+    assert len(probe.history) == 1
+
+
+def test_block_names_survive_deepcopy():
+    import copy
+
+    model, loss_fn, x, y = _plain_problem()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model=model,
+        loss_fn=loss_fn,
+        per_block=True,
+    )
+    twin = copy.deepcopy(probe)
+    twin_model, twin_loss = twin._model, twin.loss_fn  # deepcopy copied both
+
+    def closure():
+        twin.zero_grad()
+        loss = twin_loss(twin_model(x), y)
+        loss.backward()
+        return loss
+
+    twin.step(closure)
+    assert set(twin.history[-1].extra["blocks"]) == {
+        n for n, _ in model.named_parameters()
+    }

@@ -71,6 +71,8 @@ class _Trace:
     output: Tensor
     g_inp: tuple[Tensor | None, ...]
     g_out: tuple[Tensor | None, ...]
+    versions: tuple[int, int] | None = None
+    """``(input version before forward, output version after)``; hooks only."""
 
 
 class _RecordModule(ModuleExtension):
@@ -137,6 +139,7 @@ class HookRecorder:
         self.model = model
         self.loss_fn = loss_fn
         self.entries: list[_Trace] = []
+        self._input_versions: dict[int, int] = {}
         self._derivatives = _derivatives_by_module()
         self._handles: list[Any] = []
 
@@ -152,8 +155,13 @@ class HookRecorder:
         self.entries.clear()
         leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
         for module in [*leaves, self.loss_fn]:
+            self._handles.append(module.register_forward_pre_hook(self._before))
             self._handles.append(module.register_forward_hook(self._record))
         return self
+
+    def _before(self, module: nn.Module, inputs: tuple) -> None:
+        first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        self._input_versions[id(module)] = -1 if first is None else first._version
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
@@ -170,6 +178,7 @@ class HookRecorder:
             output,
             (None,),
             [None],  # type: ignore[arg-type]
+            (self._input_versions.pop(id(module), -1), output._version),
         )
         if output.requires_grad:
 
@@ -207,7 +216,8 @@ class TangentSweep:
         self.hooks: HookRecorder | None = None
         self.users: list[Curvature] = []
         self._result: dict[str, Tensor] | None = None
-        self._chain: list[_Trace] | None = None
+        self._chain: tuple[_Trace, list[_Trace]] | None = None
+        self._exact_ok: bool | None = None
 
     def bind(self, model: nn.Module | None, loss_fn: Any) -> None:
         """Record with plain hooks on ``model`` if it and a loss module are known."""
@@ -247,8 +257,13 @@ class TangentSweep:
         where every parametrised module is bilinear in input and weight (Linear,
         Conv) if the exact Hessian is requested.
         """
-        if self._result is not None:
-            return True
+        if self._exact_ok is None:
+            self._exact_ok = self._exact_supported(ctx)
+        return self._exact_ok
+
+    def _exact_supported(self, ctx: EvaluationContext) -> bool:
+        if not any(k in EXACT_KINDS for k in self.kinds):
+            return False
         try:
             _, layers = self.chain(ctx)
         except CurvatureError:
@@ -269,15 +284,23 @@ class TangentSweep:
             self.hooks.clear()
         self._result = None
         self._chain = None
+        self._exact_ok = None
 
     # ------------------------------------------------------------ structure
     def chain(self, ctx: EvaluationContext) -> tuple[_Trace, list[_Trace]]:
         """Return the loss record and the modules in forward order, validated.
 
+        Validated once per step (cached until :meth:`reset`).
+
         Raises:
             CurvatureError: If the loss was not recorded, the modules do not form
                 a chain, or a reached parameter belongs to no recorded module.
         """
+        if self._chain is None:
+            self._chain = self._validated_chain(ctx)
+        return self._chain
+
+    def _validated_chain(self, ctx: EvaluationContext) -> tuple[_Trace, list[_Trace]]:
         trace = self.source.trace
         names = ", ".join(repr(k) for k in self.kinds)
         if not trace:
@@ -318,8 +341,20 @@ class TangentSweep:
                 "each module once. Use an exact curvature."
             )
         loss, layers = trace[0], trace[:0:-1]  # layers in forward order
-        links = [(b, a) for a, b in itertools.pairwise(layers)]
-        for later, earlier in links:
+        for earlier, later in itertools.pairwise([*layers, loss]):
+            if (
+                earlier.versions
+                and later.versions
+                and (later.versions[0] != earlier.versions[1])
+            ):
+                raise CurvatureError(
+                    f"Curvatures {names}: the output of "
+                    f"{type(earlier.module).__name__} was modified in place before "
+                    f"{type(later.module).__name__} used it; the recorded forward "
+                    "no longer describes the model. Avoid in-place operations "
+                    "between modules."
+                )
+        for earlier, later in itertools.pairwise(layers):
             if not _same_tensor(later.inputs[0], earlier.output):
                 raise CurvatureError(
                     f"Curvatures {names} need the model to be a chain of BackPACK "
@@ -366,7 +401,12 @@ class TangentSweep:
         blocks = [k for k in self.kinds if k in BLOCK_KINDS]
         per_block = bool(blocks)  # else one slot: the total tangent J d
         residual_kinds = [k for k in blocks if k != "ggn"]
-        exact_hessian = "hessian-exact" in self.kinds
+        exact = (
+            [k for k in self.kinds if k in EXACT_KINDS]
+            if self.supports_exact(ctx)
+            else []
+        )
+        exact_hessian = "hessian-exact" in exact
         parts: dict[str, list[tuple[int, Tensor]]] = {k: [] for k in residual_kinds}
         extra: list[Tensor] = []  # second-order terms of dᵀHd beyond the GGN
         tangents: Tensor | None = None
@@ -375,7 +415,8 @@ class TangentSweep:
             rule = rule_for(trace.module, trace.derivatives, self.fast)
             total_in = None
             if tangents is not None:
-                total_in = tangents.sum(0, keepdim=True) if per_block else tangents
+                if exact_hessian:
+                    total_in = tangents.sum(0, keepdim=True) if per_block else tangents
                 if (residual_kinds or exact_hessian) and not rule.residual_is_zero(
                     trace
                 ):
@@ -412,13 +453,7 @@ class TangentSweep:
         result = {
             k: torch.zeros(len(ctx.params), dtype=acc, device=device) for k in blocks
         }
-        result.update(
-            {
-                k: torch.zeros((), dtype=acc, device=device)
-                for k in self.kinds
-                if k in EXACT_KINDS
-            }
-        )
+        result.update({k: torch.zeros((), dtype=acc, device=device) for k in exact})
         if tangents is None:
             return result
         h_prod = rule_for(loss.module, loss.derivatives, fast=False).loss_hessian_prod(
@@ -440,7 +475,7 @@ class TangentSweep:
             for k, contributions in parts.items():
                 for count, values in contributions:
                     result[k].index_add_(0, slot_index[:count], values)
-        if any(k in EXACT_KINDS for k in self.kinds):
+        if exact:
             # The exact kinds are reported for the unscaled loss (they stand in for
             # a replay of loss_fn, which never sees a loss scale): the residual and
             # cross terms carry the scale through δ, so divide it out.
@@ -458,7 +493,7 @@ class TangentSweep:
         trace: _Trace,
         rule: BackpackRule,
         tangents: Tensor,
-        total: Tensor,
+        total: Tensor | None,
         parts: dict[str, list[tuple[int, Tensor]]],
         extra: list[Tensor],
         exact_hessian: bool,
