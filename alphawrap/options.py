@@ -15,12 +15,14 @@ from torch import nn
 
 from alphawrap.batch import RecordingLoss, is_overridable
 from alphawrap.curvature import Curvature
+from alphawrap.curvature.sweep import EXACT_KINDS
 
 Mode = Literal["observe", "apply"]
 MODES: tuple[str, ...] = ("observe", "apply")
 FALLBACKS: tuple[str, ...] = ("inner", "skip", "last")
 NONFINITE_POLICIES: tuple[str, ...] = ("skip", "inner")
-EXACT_CURVATURES: tuple[str, ...] = ("ggn-exact", "hessian-exact")
+EXACT_CURVATURES: tuple[str, ...] = EXACT_KINDS
+"""The curvatures accurate enough for apply mode (see the README's accuracy table)."""
 
 
 def validate_fallback(fallback: str | float) -> str | float:

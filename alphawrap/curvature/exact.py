@@ -337,6 +337,8 @@ class ExactCurvature(Curvature):
         try:
             value = self._evaluate(run, self.resolved)
         except (NotImplementedError, RuntimeError) as error:
+            if isinstance(error, torch.OutOfMemoryError):
+                raise  # not a missing derivative; reverse mode needs more memory
             if self.method != "auto" or self.resolved == _REVERSE:
                 raise _unsupported(self, error) from error
             # An operation without a (correct) forward-mode derivative: use

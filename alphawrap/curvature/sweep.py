@@ -222,7 +222,9 @@ class TangentSweep:
     def bind(self, model: nn.Module | None, loss_fn: Any) -> None:
         """Record with plain hooks on ``model`` if it and a loss module are known."""
         if model is not None and type(loss_fn) in (nn.MSELoss, nn.CrossEntropyLoss):
-            self.hooks = HookRecorder(model, loss_fn)
+            bound = self.hooks
+            if bound is None or (bound.model, bound.loss_fn) != (model, loss_fn):
+                self.hooks = HookRecorder(model, loss_fn)
 
     @property
     def source(self) -> Recorder | HookRecorder:
