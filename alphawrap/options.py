@@ -125,21 +125,7 @@ class ApplyOptions:
             )
             if on
         ]
-        if wanted and (model is None or loss_fn is None):
-            missing = " and ".join(
-                name
-                for name, value in (("model=", model), ("loss_fn=", loss_fn))
-                if value is None
-            )
-            raise TypeError(
-                f"{', '.join(wanted)} re-evaluates the mini-batch loss along the "
-                f"update, so AlphaProbe needs {missing}: AlphaProbe(optimizer, "
-                "model=model, loss_fn=loss_fn, ...), where the closure computes "
-                "loss_fn(model(inputs), targets) once (loss_fn: a loss module, a "
-                "torch.nn.functional function such as F.cross_entropy, or any "
-                "callable that the closure then calls as probe.loss_fn(output, "
-                "targets))."
-            )
+        require_model_and_loss(", ".join(wanted), model, loss_fn)
         if options["adaptive_damping"]:
             damping = max(float(damping), cls.DAMPING_BOUNDS[0])
         return cls(
@@ -184,6 +170,29 @@ class ApplyState:
         return cls(**values)
 
 
+def require_model_and_loss(what: str, model: Any, loss_fn: Any) -> None:
+    """Raise if ``what`` (a feature that replays the loss) lacks model/loss_fn.
+
+    Raises:
+        TypeError: Naming what is missing and how to pass it.
+    """
+    if not what or (model is not None and loss_fn is not None):
+        return
+    missing = " and ".join(
+        name
+        for name, value in (("model=", model), ("loss_fn=", loss_fn))
+        if value is None
+    )
+    raise TypeError(
+        f"{what} re-evaluates the mini-batch loss along the update, so AlphaProbe "
+        f"needs {missing}: AlphaProbe(optimizer, ..., model=model, loss_fn=loss_fn), "
+        "where the closure computes loss_fn(model(inputs), targets) once (loss_fn: "
+        "a loss module, a torch.nn.functional function such as F.cross_entropy, "
+        "or any callable that the closure then calls as probe.loss_fn(output, "
+        "targets))."
+    )
+
+
 def check_model_and_loss(
     curvatures: Sequence[Curvature], model: Any, loss_fn: Any
 ) -> tuple[nn.Module | None, Any]:
@@ -193,21 +202,9 @@ def check_model_and_loss(
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
     needing = [c.name for c in curvatures if c.needs_batch]
-    if needing and (model is None or loss_fn is None):
-        missing = " and ".join(
-            name
-            for name, value in (("model=", model), ("loss_fn=", loss_fn))
-            if value is None
-        )
-        raise TypeError(
-            f"Curvature {', '.join(map(repr, needing))} re-evaluates the loss along "
-            f"the update, so AlphaProbe needs {missing}: "
-            "AlphaProbe(optimizer, curvature=..., model=model, loss_fn=loss_fn), "
-            "where the closure computes loss_fn(model(inputs), targets) (loss_fn: "
-            "a loss module, a torch.nn.functional function such as "
-            "F.cross_entropy, or any callable that the closure then calls as "
-            "probe.loss_fn(output, targets))."
-        )
+    if needing:
+        names = ", ".join(map(repr, needing))
+        require_model_and_loss(f"Curvature {names}", model, loss_fn)
     if (
         loss_fn is not None
         and not isinstance(loss_fn, nn.Module)

@@ -28,8 +28,9 @@ REFERENCE = {
 RESIDUAL = {"hessian": "keep", "ggn": "drop", "pch-clip": "clip", "pch-abs": "abs"}
 
 
-def _quadratics(model, loss_fn, x, y, curvatures, seed=1):
-    with backpack(*[e for c in curvatures for e in c.backpack_extensions()]):
+def _backward_and_context(model, loss_fn, x, y, extensions, seed=1):
+    """Backward under ``extensions``; random directions and their context."""
+    with backpack(*extensions):
         loss_fn(model(x), y).backward()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(seed)
@@ -43,6 +44,12 @@ def _quadratics(model, loss_fn, x, y, curvatures, seed=1):
         names=[n for n, _ in named],
         accumulate_dtype=torch.promote_types(named[0][1].dtype, torch.float32),
     )
+    return directions, ctx
+
+
+def _quadratics(model, loss_fn, x, y, curvatures, seed=1):
+    extensions = [e for c in curvatures for e in c.backpack_extensions()]
+    directions, ctx = _backward_and_context(model, loss_fn, x, y, extensions, seed)
     with torch.no_grad():
         for c in curvatures:
             c.check_backward(ctx)
@@ -155,19 +162,8 @@ def _engine_exact(model, loss_fn, x, y, kinds, seed=1):
     engine = TangentSweep()
     for kind in kinds:
         engine.add(kind)
-    with backpack(engine.recorder):
-        loss_fn(model(x), y).backward()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(seed)
-    directions = {
-        n: torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in named
-    }
-    ctx = EvaluationContext(
-        params=[p for _, p in named],
-        directions=list(directions.values()),
-        reached=set(range(len(named))),
-        names=[n for n, _ in named],
-        accumulate_dtype=torch.float64,
+    directions, ctx = _backward_and_context(
+        model, loss_fn, x, y, [engine.recorder], seed
     )
     assert engine.supports_exact(ctx)
     with torch.no_grad():
