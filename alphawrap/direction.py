@@ -20,6 +20,36 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 
+def step_products(
+    directions: Sequence[Tensor], grads: Sequence[Tensor | None], acc: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dᵀg, ‖d‖², ‖g‖²)`` over all blocks, as 0-d tensors of dtype ``acc``.
+
+    Blocks whose gradient is ``None`` count in ``‖d‖²`` only. A constant number of
+    kernel launches (two fused norms, one dot product), whatever the number of
+    parameters.
+
+    Example:
+        >>> d = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+        >>> g = [torch.tensor([1.0, 1.0]), None]
+        >>> [t.item() for t in step_products(d, g, torch.float32)]
+        [3.0, 14.0, 2.0]
+    """
+    pairs = [(d, g) for d, g in zip(directions, grads) if g is not None]
+    dd = torch.stack(torch._foreach_norm(list(directions), 2, dtype=acc))
+    dd = torch.sum(dd * dd)
+    if not pairs:
+        zero = torch.zeros((), dtype=acc, device=dd.device)
+        return zero, dd, zero
+    gs = [g for _, g in pairs]
+    gg = torch.stack(torch._foreach_norm(gs, 2, dtype=acc))
+    slope = torch.dot(
+        torch.cat([d.reshape(-1).to(acc) for d, _ in pairs]),
+        torch.cat([g.reshape(-1).to(acc) for g in gs]),
+    )
+    return slope, dd, torch.sum(gg * gg)
+
+
 class GradBackup:
     """Hold the gradients as they were before a closure runs, to restore them.
 

@@ -44,7 +44,7 @@ from alphawrap.closure import (
 )
 from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
-from alphawrap.direction import StepTransaction
+from alphawrap.direction import StepTransaction, step_products
 from alphawrap.distributed import DistributedReducer
 from alphawrap.errors import ClosureError, ProbeError
 from alphawrap.history import History, ProbeRecord
@@ -732,15 +732,8 @@ class AlphaProbe(Optimizer):
         """
         acc = self._accumulate_dtype(params)
         device = directions[0].device
-        zero = torch.zeros((), dtype=acc, device=device)
-        slope, dd, gg = zero, zero, zero
-        for i, (p, d) in enumerate(zip(params, directions)):
-            d = d.to(acc)
-            dd = dd + torch.sum(d * d)
-            if i in pending.reached and p.grad is not None:
-                g = p.grad.to(acc)
-                slope = slope + torch.sum(d * g)
-                gg = gg + torch.sum(g * g)
+        grads = [p.grad if i in pending.reached else None for i, p in enumerate(params)]
+        slope, dd, gg = step_products(directions, grads, acc)
         ctx = self._context(params, directions, pending.reached, batch=pending.batch)
         quads = []  # one value per block for blockwise curvatures, else a scalar
         for c in self._curvatures:

@@ -8,9 +8,9 @@ runs on a shared machine, ratios measured side by side are. Also measured:
 * ``interval=10``: the steps *between* probes (the probe is then a plain step);
 * scaling of the default curvature's ratio with depth (3-24 Tanh layers), width
   and batch size, and of ``ggn-exact`` with depth;
-* peak memory on CUDA: ``torch.cuda.max_memory_allocated`` of a probe step and
-  of a plain step (on CPU only the sizes of parameters and optimizer state are
-  recorded, for the README's accounting).
+* peak memory of a probe step and of a plain step: ``torch.cuda.max_memory_allocated``
+  on CUDA; on CPU the allocations and frees recorded by ``torch.profiler``,
+  replayed in time order (CPU tensors have no allocator statistics).
 
     python benchmarks/step_cost.py --pairs 25
     python benchmarks/step_cost.py --device cuda \
@@ -115,11 +115,47 @@ def time_ratio(
     return statistics.median(ratios)
 
 
+def _cpu_peak(fn) -> int:
+    """Peak of the bytes allocated (net of frees) while ``fn`` runs, on CPU.
+
+    CPU tensors have no allocator statistics, so the allocations and frees that
+    ``torch.profiler`` records (``profile_memory=True``) are replayed in time
+    order; the peak is relative to the memory held when ``fn`` starts.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
+    current = peak = 0
+    for _, change in events:
+        current += change
+        peak = max(peak, current)
+    return peak
+
+
+def _peak(device, fn) -> int:
+    if not device.startswith("cuda"):
+        return _cpu_peak(fn)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def memory(problem, names, device, batch=128):
-    """Peak memory of a probe step and of a plain step (bytes)."""
+    """Peak memory of a probe step and of a plain step (bytes), and the sizes of
+    parameters and optimizer state to read them against."""
     (plain, c_plain), (probe, c_probe) = _pair(problem, names, device, batch)
-    plain.step(c_plain)
-    probe.step(c_probe)
+    for _ in range(2):
+        plain.step(c_plain)
+        probe.step(c_probe)
     params = [p for g in probe.param_groups for p in g["params"]]
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     state_bytes = sum(
@@ -128,26 +164,16 @@ def memory(problem, names, device, batch=128):
         for v in s.values()
         if torch.is_tensor(v)
     )
-    out = {"param_bytes": param_bytes, "state_bytes": state_bytes}
-    if device.startswith("cuda"):
-        peaks = {}
-        for label, (opt, closure) in (
-            ("plain", (plain, c_plain)),
-            ("probe", (probe, c_probe)),
-        ):
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            opt.step(closure)
-            torch.cuda.synchronize()
-            peaks[label] = torch.cuda.max_memory_allocated() - base
-        out.update(
-            plain_peak_bytes=peaks["plain"],
-            probe_peak_bytes=peaks["probe"],
-            peak_ratio=peaks["probe"] / max(peaks["plain"], 1),
-            extra_over_params=(peaks["probe"] - peaks["plain"]) / param_bytes,
-        )
-    return out
+    plain_peak = _peak(device, lambda: plain.step(c_plain))
+    probe_peak = _peak(device, lambda: probe.step(c_probe))
+    return {
+        "param_bytes": param_bytes,
+        "state_bytes": state_bytes,
+        "plain_peak_bytes": plain_peak,
+        "probe_peak_bytes": probe_peak,
+        "peak_ratio": round(probe_peak / max(plain_peak, 1), 3),
+        "extra_over_params": round((probe_peak - plain_peak) / param_bytes, 3),
+    }
 
 
 def main(argv=None):
@@ -198,6 +224,7 @@ def main(argv=None):
                     **memory(problem, names, args.device),
                 }
             )
+            print("memory", mem[-1], flush=True)
     if not args.quick:
         pairs = max(args.pairs // 2, 7)
         for depth in (3, 6, 12, 24):

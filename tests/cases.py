@@ -25,6 +25,8 @@ class Problem:
     seed: int = 0
     frozen: tuple[str, ...] = ()
     extras: dict = field(default_factory=dict)
+    in_shape: tuple[int, ...] | None = None
+    """Shape of one input sample (images); default ``(in_dim,)``."""
 
     def make(
         self, dtype: torch.dtype = torch.float64
@@ -35,7 +37,7 @@ class Problem:
             if name in self.frozen:
                 p.requires_grad_(False)
         loss_fn = extend(self.loss())
-        x = torch.randn(self.batch, self.in_dim, dtype=dtype)
+        x = torch.randn(self.batch, *(self.in_shape or (self.in_dim,)), dtype=dtype)
         if self.classification:
             y = torch.randint(0, self.out_dim, (self.batch,))
         else:
@@ -76,3 +78,58 @@ PROBLEMS = [
     ),
 ]
 PROBLEM_IDS = [p.name for p in PROBLEMS]
+
+
+CONV_PROBLEMS = [
+    Problem(
+        "conv2d-relu-maxpool-ce",
+        lambda: [
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(3 * 3 * 3, 3),
+        ],
+        nn.CrossEntropyLoss,
+        0,
+        3,
+        True,
+        batch=3,
+        in_shape=(2, 6, 6),
+    ),
+    Problem(
+        "conv2d-strided-grouped-tanh-mse",
+        lambda: [
+            nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=1),
+            nn.Tanh(),
+            nn.Conv2d(4, 2, 2, groups=2, dilation=2),
+            nn.Sigmoid(),
+            nn.Flatten(),
+            nn.Linear(2 * 2 * 2, 2),
+        ],
+        nn.MSELoss,
+        0,
+        2,
+        False,
+        batch=3,
+        in_shape=(2, 7, 7),
+    ),
+    Problem(
+        "conv2d-sigmoid-maxpool-padded-ce-sum",
+        lambda: [
+            nn.Conv2d(1, 2, 2),
+            nn.Sigmoid(),
+            nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+            nn.Flatten(),
+            nn.Linear(2 * 3 * 3, 3),
+        ],
+        lambda: nn.CrossEntropyLoss(reduction="sum"),
+        0,
+        3,
+        True,
+        batch=3,
+        in_shape=(1, 6, 6),
+    ),
+]
+"""Convolution and pooling models (the fast conv/pool rules), same checks."""
+CONV_IDS = [p.name for p in CONV_PROBLEMS]

@@ -12,7 +12,7 @@ from alphawrap import AlphaProbe, CurvatureError
 from alphawrap.batch import RecordedBatch
 from alphawrap.curvature.exact import ExactGGN, ExactHessian
 from alphawrap.reference import full_ggn_quadratic, full_hessian_quadratic
-from tests.cases import PROBLEM_IDS, PROBLEMS
+from tests.cases import CONV_IDS, CONV_PROBLEMS, PROBLEM_IDS, PROBLEMS
 from tests.curvature_helpers import (
     FREE_IDS,
     FREE_PROBLEMS,
@@ -43,7 +43,9 @@ def _assert_record_matches(record, references, slope):
             assert record.alphas[name] == pytest.approx(-slope / ref, rel=1e-7)
 
 
-@pytest.mark.parametrize("problem", PROBLEMS, ids=PROBLEM_IDS)
+@pytest.mark.parametrize(
+    "problem", PROBLEMS + CONV_PROBLEMS, ids=PROBLEM_IDS + CONV_IDS
+)
 def test_exact_on_backpack_problems(problem):
     """Sequential problems: both exact curvatures match the dense full matrices."""
     model, loss_fn, x, y = problem.make()

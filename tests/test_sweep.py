@@ -16,7 +16,7 @@ from alphawrap.curvature.sweep import (
 )
 from alphawrap.errors import CurvatureError
 from alphawrap.reference import recursive_block_quadratics
-from tests.cases import PROBLEM_IDS, PROBLEMS
+from tests.cases import CONV_IDS, CONV_PROBLEMS, PROBLEM_IDS, PROBLEMS
 
 FAST = [SweepHessian, SweepGGN, SweepPCHClip, SweepPCHAbs]
 REFERENCE = {
@@ -82,7 +82,9 @@ def _cnn(dtype):
 @pytest.mark.parametrize(
     "fast_rules", [True, False], ids=["fast-rules", "backpack-rules"]
 )
-@pytest.mark.parametrize("problem", PROBLEMS, ids=PROBLEM_IDS)
+@pytest.mark.parametrize(
+    "problem", PROBLEMS + CONV_PROBLEMS, ids=PROBLEM_IDS + CONV_IDS
+)
 def test_sweep_matches_dense_reference(problem, fast_rules):
     model, loss_fn, x, y = problem.make()
     fast = [cls() for cls in FAST]

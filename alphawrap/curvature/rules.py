@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 class BackpackRule:
@@ -92,6 +94,11 @@ class BackpackRule:
 
         return hessian_mat_prod
 
+    def loss_quadratic(self, trace: Any, tangents: Tensor, acc: torch.dtype) -> Tensor:
+        """``[V]``: ``ṫᵀ ∇²ℓ ṫ`` for each stacked tangent ``ṫ`` of the loss input."""
+        product = self.loss_hessian_prod(trace)(tangents)
+        return (tangents * product).reshape(tangents.shape[0], -1).sum(1, dtype=acc)
+
 
 class _Linear(BackpackRule):
     def residual_is_zero(self, trace: Any) -> bool:
@@ -122,7 +129,61 @@ class _ReLU(BackpackRule):
         return True
 
     def jac(self, trace: Any, tangents: Tensor) -> Tensor:
-        return tangents * (trace.inputs[0] > 0)
+        # ReLU's own backward kernel: one fused, broadcasting pass (a bool mask
+        # would cost a comparison, a conversion and a multiplication).
+        return torch.ops.aten.threshold_backward(tangents, trace.output, 0.0)
+
+
+class _ConvNd(BackpackRule):
+    """``Conv1d/2d/3d``: the layer is linear in its input and in its weight.
+
+    Every product is one convolution: ``J_x ẋ = conv(ẋ, W)``, ``J_W ΔW =
+    conv(x, ΔW)`` (the module's own ``_conv_forward``, so any padding mode).
+    """
+
+    def residual_is_zero(self, trace: Any) -> bool:
+        return True
+
+    @staticmethod
+    def _conv(trace: Any, x: Tensor, weight: Tensor) -> Tensor:
+        return trace.module._conv_forward(x, weight, None)
+
+    def jac(self, trace: Any, tangents: Tensor) -> Tensor:
+        out = self._conv(trace, tangents.flatten(0, 1), trace.module.weight)
+        return out.reshape(tangents.shape[0], *trace.output.shape)
+
+    def param_jac(self, trace: Any, name: str, direction: Tensor) -> Tensor:
+        if name == "weight":
+            return self._conv(trace, trace.inputs[0], direction)[None]
+        spatial = trace.output.dim() - 2
+        bias = direction.reshape(-1, *([1] * spatial))
+        return bias.expand(trace.output.shape)[None]
+
+    def param_cross(self, trace: Any, direction: Tensor, tangent_in: Tensor) -> Tensor:
+        return self._conv(trace, tangent_in[0], direction)[None]
+
+
+class _MaxPoolNd(BackpackRule):
+    """``MaxPool1d/2d/3d``: the Jacobian picks the arg-max of each window."""
+
+    def residual_is_zero(self, trace: Any) -> bool:
+        return True
+
+    def jac(self, trace: Any, tangents: Tensor) -> Tensor:
+        m, x = trace.module, trace.inputs[0]
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[x.dim() - 3]
+        _, index = pool(
+            x,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            ceil_mode=m.ceil_mode,
+            return_indices=True,
+        )
+        flat = tangents.flatten(start_dim=3)  # [V, N, C, spatial in]
+        index = index.flatten(start_dim=2).expand(tangents.shape[0], -1, -1, -1)
+        return flat.gather(3, index).reshape(tangents.shape[0], *trace.output.shape)
 
 
 class _Elementwise(BackpackRule):
@@ -160,6 +221,33 @@ class _Sigmoid(_Elementwise):
         return y * (1.0 - y) * (1.0 - 2.0 * y)
 
 
+class _CrossEntropyLoss(BackpackRule):
+    """``∇²ℓ = diag(p) − ppᵀ`` per sample: ``ṫᵀ∇²ℓṫ = Σ p ṫ² − (Σ p ṫ)²``."""
+
+    def loss_quadratic(self, trace: Any, tangents: Tensor, acc: torch.dtype) -> Tensor:
+        module, x = trace.module, trace.inputs[0]
+        if module.weight is not None or module.ignore_index != -100:
+            return super().loss_quadratic(trace, tangents, acc)  # BackPACK refuses
+        weighted = tangents * torch.softmax(x, dim=1)
+        values = (weighted * tangents).flatten(1).sum(1, dtype=acc)
+        mean = weighted.sum(2)  # over classes: [V, N, ...]
+        values = values - (mean * mean).flatten(1).sum(1, dtype=acc)
+        if module.reduction == "mean":
+            values = values / (x.numel() // x.shape[1])
+        return values
+
+
+class _MSELoss(BackpackRule):
+    """``∇²ℓ = 2I`` (divided by the number of entries for ``reduction="mean"``)."""
+
+    def loss_quadratic(self, trace: Any, tangents: Tensor, acc: torch.dtype) -> Tensor:
+        module, x = trace.module, trace.inputs[0]
+        if x.dim() != 2:
+            return super().loss_quadratic(trace, tangents, acc)  # BackPACK refuses
+        values = 2 * (tangents * tangents).flatten(1).sum(1, dtype=acc)
+        return values / x.numel() if module.reduction == "mean" else values
+
+
 CROSS_TERM_MODULES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
@@ -171,12 +259,20 @@ supports these (others fall back to the model-replay path)."""
 
 FAST_RULES: dict[type[nn.Module], type[BackpackRule]] = {
     nn.Linear: _Linear,
+    nn.Conv2d: _ConvNd,
+    nn.MaxPool2d: _MaxPoolNd,
     nn.Flatten: _Flatten,
     nn.ReLU: _ReLU,
     nn.Tanh: _Tanh,
     nn.Sigmoid: _Sigmoid,
+    nn.CrossEntropyLoss: _CrossEntropyLoss,
+    nn.MSELoss: _MSELoss,
 }
-"""Modules with direct expressions; all others use :class:`BackpackRule`."""
+"""Modules with direct expressions; all others use :class:`BackpackRule`.
+
+Only modules BackPACK's ``HMP`` knows are recorded, so of the convolutions and
+poolings only the 2-d ones appear here (the rules themselves are dimension-free).
+"""
 
 
 def rule_for(module: nn.Module, derivatives: Any, fast: bool = True) -> BackpackRule:

@@ -50,6 +50,10 @@ from backpack.extensions import HMP
 from backpack.extensions.backprop_extension import BackpropExtension
 from backpack.extensions.module_extension import ModuleExtension
 from torch import Tensor, nn
+from torch.nn.modules.module import (
+    register_module_forward_hook,
+    register_module_forward_pre_hook,
+)
 
 from alphawrap.curvature.base import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import supported_modules
@@ -128,11 +132,12 @@ class HookRecorder:
     """Record the same trace with plain PyTorch hooks: no ``backpack.extend``.
 
     Used when the probe knows the model and an ``nn.CrossEntropyLoss`` /
-    ``nn.MSELoss`` loss module (``AlphaProbe(..., model=, loss_fn=)``). Forward
-    hooks on the leaf modules keep each module's input and output, and a tensor
-    hook on the output keeps its gradient ``δ``. The hooks exist only while a
-    probed closure runs, so the steps in between cost exactly a plain step
-    (BackPACK's own hooks, installed by ``extend``, slow *every* step down).
+    ``nn.MSELoss`` loss module (``AlphaProbe(..., model=, loss_fn=)``). Global
+    forward hooks, filtered to the model's leaf modules and the loss, keep each
+    module's input and output, and a tensor hook on the output keeps its gradient
+    ``δ``. The hooks exist only while a probed closure runs, so the steps in
+    between cost exactly a plain step (BackPACK's own hooks, installed by
+    ``extend``, slow *every* step down).
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
@@ -142,6 +147,7 @@ class HookRecorder:
         self._input_versions: dict[int, int] = {}
         self._derivatives = _derivatives_by_module()
         self._handles: list[Any] = []
+        self._watched: set[int] = set()
 
     @property
     def trace(self) -> list[_Trace]:
@@ -154,12 +160,18 @@ class HookRecorder:
     def __enter__(self) -> HookRecorder:
         self.entries.clear()
         leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
-        for module in [*leaves, self.loss_fn]:
-            self._handles.append(module.register_forward_pre_hook(self._before))
-            self._handles.append(module.register_forward_hook(self._record))
+        self._watched = {id(m) for m in [*leaves, self.loss_fn]}
+        # Two global hooks (filtered by module) cost less to install per step than
+        # two hooks on every leaf module.
+        self._handles = [
+            register_module_forward_pre_hook(self._before),
+            register_module_forward_hook(self._record),
+        ]
         return self
 
     def _before(self, module: nn.Module, inputs: tuple) -> None:
+        if id(module) not in self._watched:
+            return
         first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
         self._input_versions[id(module)] = -1 if first is None else first._version
 
@@ -169,6 +181,8 @@ class HookRecorder:
         self._handles.clear()
 
     def _record(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if id(module) not in self._watched:
+            return
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
         entry = _Trace(
@@ -458,9 +472,7 @@ class TangentSweep:
         result.update({k: torch.zeros((), dtype=acc, device=device) for k in exact})
         if tangents is None:
             return result
-        h_prod = rule_for(loss.module, loss.derivatives, fast=False).loss_hessian_prod(
-            loss
-        )
+        loss_rule = rule_for(loss.module, loss.derivatives, self.fast)
         # BackPACK's loss Hessian assumes the loss is the last operation; a scaled
         # loss (GradScaler: (s * loss).backward()) scales the residuals through δ,
         # so scale the Gauss-Newton part by the gradient flowing into the loss too.
@@ -470,7 +482,7 @@ class TangentSweep:
             else 1.0
         )
         if blocks:
-            gauss_newton = _per_slot(tangents * h_prod(tangents), acc) * scale
+            gauss_newton = loss_rule.loss_quadratic(loss, tangents, acc) * scale
             slot_index = torch.tensor(slots, device=device)
             for k in blocks:
                 result[k].index_add_(0, slot_index, gauss_newton)
@@ -482,7 +494,7 @@ class TangentSweep:
             # a replay of loss_fn, which never sees a loss scale): the residual and
             # cross terms carry the scale through δ, so divide it out.
             total = tangents.sum(0, keepdim=True) if per_block else tangents
-            ggn_exact = torch.sum((total * h_prod(total)).to(acc))
+            ggn_exact = loss_rule.loss_quadratic(loss, total, acc)[0]
             if "ggn-exact" in result:
                 result["ggn-exact"] = ggn_exact
             if exact_hessian:
@@ -511,12 +523,12 @@ class TangentSweep:
             if parts:
                 # Split by sign: with s = ẋ², Σ s·r (Hessian) and Σ s·r⁺ (clip)
                 # give Σ s·|r| = 2 Σ s·r⁺ − Σ s·r (abs): two reductions at most.
-                squares = tangents * tangents
+                squares = (tangents * tangents).reshape(count, -1).to(acc)
                 full = positive = None
                 if "hessian" in parts or "pch-abs" in parts:
-                    full = _per_slot(squares * r, acc)
+                    full = squares @ r.reshape(-1).to(acc)  # one matrix-vector product
                 if "pch-clip" in parts or "pch-abs" in parts:
-                    positive = _per_slot(squares * r.clamp(min=0), acc)
+                    positive = squares @ r.clamp(min=0).reshape(-1).to(acc)
                 values = {"hessian": full, "pch-clip": positive}
                 if "pch-abs" in parts:
                     values["pch-abs"] = 2 * positive - full
