@@ -62,7 +62,15 @@ from alphawrap.errors import CurvatureError
 __all__ = ["BatchRecorder", "RecordedBatch", "RecordingLoss"]
 
 
+_LEAVES = (Tensor, int, float, bool, str, type(None))
+
+
 def _detach(tree: Any) -> Any:
+    # Flat tuples/lists/dicts (the usual model and loss arguments) skip pytree.
+    if type(tree) in (tuple, list) and all(isinstance(t, _LEAVES) for t in tree):
+        return type(tree)(t.detach() if isinstance(t, Tensor) else t for t in tree)
+    if type(tree) is dict and all(isinstance(v, _LEAVES) for v in tree.values()):
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in tree.items()}
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 

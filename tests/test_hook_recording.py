@@ -6,7 +6,11 @@ from torch import nn
 
 from alphawrap import AlphaProbe, CurvatureError
 from alphawrap.curvature import exact
-from alphawrap.reference import full_ggn_quadratic, recursive_block_quadratics
+from alphawrap.reference import (
+    full_ggn_quadratic,
+    full_hessian_quadratic,
+    recursive_block_quadratics,
+)
 
 RESIDUAL = {"hessian": "keep", "ggn": "drop", "pch-clip": "clip", "pch-abs": "abs"}
 
@@ -71,6 +75,60 @@ def test_no_hooks_remain_between_steps():
     _step(probe, model, loss_fn, x, y)
     for module in [*model.modules(), loss_fn]:
         assert not module._forward_hooks and not module._forward_pre_hooks
+    # the recorder's hooks are global ones, installed for the probed closure only
+    assert not torch.nn.modules.module._global_forward_hooks
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    "curvature,with_delta",
+    [
+        ("hessian", {"Tanh", "CrossEntropyLoss"}),
+        ("ggn-exact", {"Tanh", "CrossEntropyLoss"}),
+        ("hessian-exact", {"Linear", "Tanh", "CrossEntropyLoss"}),
+    ],
+)
+def test_output_gradients_recorded_only_where_the_sweep_reads_them(
+    curvature, with_delta
+):
+    """δ hooks cost a Python call per module in backward: only the loss, modules
+    with a second derivative, and (exact Hessian) the bilinear layers get one."""
+    model, loss_fn, x, y = _plain_problem()
+    model = nn.Sequential(*model, nn.ReLU(), nn.Linear(3, 3)).double()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        curvature=curvature,
+        model=model,
+        loss_fn=loss_fn,
+    )
+    recorded = {}
+    first = probe._curvatures[0]
+    engine = getattr(first, "engine", None) or first.sweep
+    original = engine._sweep
+
+    def spy(ctx, loss, layers):
+        for t in [*layers, loss]:
+            recorded.setdefault(type(t.module).__name__, set()).add(
+                t.g_out[0] is not None
+            )
+        return original(ctx, loss, layers)
+
+    engine._sweep = spy
+    directions, _ = _step(probe, model, loss_fn, x, y)
+    assert {k for k, v in recorded.items() if True in v} == with_delta
+    assert all(len(v) == 1 for v in recorded.values())
+    reference = {
+        "hessian": lambda: sum(
+            recursive_block_quadratics(
+                model, loss_fn, x, y, directions, "keep"
+            ).values()
+        ),
+        "ggn-exact": lambda: full_ggn_quadratic(model, loss_fn, x, y, directions),
+        "hessian-exact": lambda: full_hessian_quadratic(
+            model, loss_fn, x, y, directions
+        ),
+    }[curvature]().item()
+    assert probe.history[-1].curvatures[curvature] == pytest.approx(reference, rel=1e-9)
 
 
 def test_exact_curvatures_reuse_the_stored_forward(monkeypatch):

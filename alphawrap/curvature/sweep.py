@@ -57,7 +57,12 @@ from torch.nn.modules.module import (
 
 from alphawrap.curvature.base import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import supported_modules
-from alphawrap.curvature.rules import CROSS_TERM_MODULES, BackpackRule, rule_for
+from alphawrap.curvature.rules import (
+    CROSS_TERM_MODULES,
+    FAST_RULES,
+    BackpackRule,
+    rule_for,
+)
 from alphawrap.errors import CurvatureError
 
 BLOCK_KINDS: tuple[str, ...] = ("hessian", "ggn", "pch-clip", "pch-abs")
@@ -148,6 +153,8 @@ class HookRecorder:
         self._derivatives = _derivatives_by_module()
         self._handles: list[Any] = []
         self._watched: set[int] = set()
+        self.cross_terms = False
+        """Whether the exact Hessian's cross terms need ``δ`` at Linear/Conv."""
 
     @property
     def trace(self) -> list[_Trace]:
@@ -194,7 +201,7 @@ class HookRecorder:
             [None],  # type: ignore[arg-type]
             (self._input_versions.pop(id(module), -1), output._version),
         )
-        if output.requires_grad:
+        if output.requires_grad and self.needs_delta(module):
 
             def keep(grad: Tensor, entry: _Trace = entry) -> None:
                 entry.g_out[0] = grad  # type: ignore[index]
@@ -202,10 +209,29 @@ class HookRecorder:
             output.register_hook(keep)
         self.entries.append(entry)
 
+    def needs_delta(self, module: nn.Module) -> bool:
+        """Whether the sweep reads this module's output gradient ``δ``.
+
+        The loss (its scale) and every module with a second derivative do; of the
+        modules linear in their input (direct rules), only the bilinear layers
+        and only for the exact Hessian's cross terms. A missing ``δ`` is never
+        read silently: the rules that use it fail on ``None``.
+        """
+        rule = FAST_RULES.get(type(module))
+        if rule is None or _is_loss_module(module):
+            return True
+        if not rule(None).residual_is_zero(None):
+            return True
+        return self.cross_terms and type(module) in CROSS_TERM_MODULES
+
+
+def _is_loss_module(module: nn.Module) -> bool:
+    # Exact classes, like BackPACK: a subclass may compute something else.
+    return type(module) in (nn.MSELoss, nn.CrossEntropyLoss)
+
 
 def _is_loss(trace: _Trace) -> bool:
-    # Exact classes, like BackPACK: a subclass may compute something else.
-    return type(trace.module) in (nn.MSELoss, nn.CrossEntropyLoss)
+    return _is_loss_module(trace.module)
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -255,6 +281,7 @@ class TangentSweep:
     def recording_for(self, curvature: Curvature) -> AbstractContextManager[Any]:
         """The hook recorder, for the engine's first user only."""
         if self.hooks is not None and self.users and self.users[0] is curvature:
+            self.hooks.cross_terms = "hessian-exact" in self.kinds
             return self.hooks
         return nullcontext()
 
