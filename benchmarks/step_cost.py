@@ -116,26 +116,29 @@ def time_ratio(
 
 
 def _cpu_peak(fn) -> int:
-    """Peak of the bytes allocated (net of frees) while ``fn`` runs, on CPU.
+    """Peak of the tensor bytes alive while ``fn`` runs on CPU, above the start.
 
-    CPU tensors have no allocator statistics, so the allocations and frees that
-    ``torch.profiler`` records (``profile_memory=True``) are replayed in time
-    order; the peak is relative to the memory held when ``fn`` starts.
+    CPU tensors have no allocator statistics; ``torch.profiler``'s memory
+    timeline (``profile_memory=True``) tracks every tensor's creation and
+    destruction, so its maximum over the step minus its first point is the peak.
     """
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU],
+        profile_memory=True,
+        record_shapes=True,
+        with_stack=True,
+    ) as prof:
         fn()
-    events = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage)
-        for e in prof.events()
-        if e.self_cpu_memory_usage
-    )
-    current = peak = 0
-    for _, change in events:
-        current += change
-        peak = max(peak, current)
-    return peak
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    totals = [sum(by_category) for by_category in sizes]
+    return max(totals) - totals[0] if totals else 0
 
 
 def _peak(device, fn) -> int:
