@@ -302,3 +302,36 @@ def test_block_names_survive_deepcopy():
     assert set(twin.history[-1].extra["blocks"]) == {
         n for n, _ in model.named_parameters()
     }
+
+
+def test_reparametrised_weight_is_refused_by_blocks_and_replayed_by_exact():
+    """torch.nn.utils.prune trains ``weight_orig`` and computes ``weight`` from it
+    in a pre-hook: the sweep, which follows ``module.weight``, would give that
+    block no curvature. Block curvatures refuse (nothing changed); the exact ones
+    replay the model and match the dense reference."""
+    prune = pytest.importorskip("torch.nn.utils.prune")
+    model, loss_fn, x, y = _plain_problem()
+    prune.l1_unstructured(model[0], "weight", amount=0.4)
+    blocks = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(CurvatureError, match=r"0\.weight_orig.*ggn-exact"):
+        _step(blocks, model, loss_fn, x, y)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    assert len(blocks.history) == 0
+    exact = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        curvature=["ggn-exact", "hessian-exact"],
+        model=model,
+        loss_fn=loss_fn,
+    )
+    directions, _ = _step(exact, model, loss_fn, x, y)
+    record = exact.history[-1]
+    assert record.curvatures["ggn-exact"] == pytest.approx(
+        full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+    )
+    assert record.curvatures["hessian-exact"] == pytest.approx(
+        full_hessian_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+    )

@@ -425,6 +425,26 @@ class TangentSweep:
                 "outside a module BackPACK sees. Supported modules: "
                 f"{', '.join(supported_modules(self.recorder))}."
             )
+        # The sweep gives a slot to module.weight / module.bias only; a parameter
+        # the module computes them from (torch.nn.utils.prune's weight_orig, a
+        # weight-norm g/v pair) would silently get no curvature.
+        served = {
+            id(getattr(t.module, n))
+            for t in layers
+            for n in ("weight", "bias")
+            if isinstance(getattr(t.module, n, None), Tensor)
+        }
+        hidden = [
+            ctx.names[i] for i in sorted(ctx.reached) if id(ctx.params[i]) not in served
+        ]
+        if hidden:
+            raise CurvatureError(
+                f"Curvatures {names}: parameter(s) {', '.join(hidden)} are not the "
+                "weight or bias their module computes with (a reparametrisation "
+                "such as torch.nn.utils.prune or weight_norm derives the weight from "
+                "them), so the tangent sweep cannot follow them. Use 'ggn-exact' or "
+                "'hessian-exact' (with model= and loss_fn=), which replay the model."
+            )
         return loss, layers
 
     # ----------------------------------------------------------------- sweep
