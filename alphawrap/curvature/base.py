@@ -9,7 +9,7 @@ the others return a scalar.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,6 +44,15 @@ class EvaluationContext:
     batch: Any = None
     curvatures: Sequence[Curvature] = ()
     cache: dict[str, Any] = field(default_factory=dict)
+
+    def reached_except(self, tensors: Iterable[Tensor]) -> list[str]:
+        """Names of the reached parameters that are not among ``tensors``."""
+        known = {id(t) for t in tensors}
+        return [
+            self.names[i]
+            for i in sorted(self.reached)
+            if id(self.params[i]) not in known
+        ]
 
 
 class Curvature(ABC):

@@ -312,10 +312,7 @@ class ExactCurvature(Curvature):
                 f"Curvature {self.name!r} needs the batch of the closure; create the "
                 "probe with model= and loss_fn= (see alphawrap.batch)."
             )
-        owned = {id(p) for p in ctx.batch.model.parameters()}
-        outside = [
-            ctx.names[i] for i in sorted(ctx.reached) if id(ctx.params[i]) not in owned
-        ]
+        outside = ctx.reached_except(ctx.batch.model.parameters())
         if outside:
             raise CurvatureError(
                 f"Curvature {self.name!r} differentiates loss_fn(model(...)) with "

@@ -412,10 +412,9 @@ class TangentSweep:
                 f"module ({type(layers[-1].module).__name__}); an operation between "
                 "model and loss is invisible to BackPACK."
             )
-        owned = {id(p) for t in layers for p in t.module.parameters(recurse=False)}
-        orphans = [
-            ctx.names[i] for i in sorted(ctx.reached) if id(ctx.params[i]) not in owned
-        ]
+        orphans = ctx.reached_except(
+            p for t in layers for p in t.module.parameters(recurse=False)
+        )
         if orphans:
             raise CurvatureError(
                 f"Curvatures {names} got no BackPACK record for parameter(s) "
@@ -428,15 +427,12 @@ class TangentSweep:
         # The sweep gives a slot to module.weight / module.bias only; a parameter
         # the module computes them from (torch.nn.utils.prune's weight_orig, a
         # weight-norm g/v pair) would silently get no curvature.
-        served = {
-            id(getattr(t.module, n))
+        hidden = ctx.reached_except(
+            getattr(t.module, n)
             for t in layers
             for n in ("weight", "bias")
             if isinstance(getattr(t.module, n, None), Tensor)
-        }
-        hidden = [
-            ctx.names[i] for i in sorted(ctx.reached) if id(ctx.params[i]) not in served
-        ]
+        )
         if hidden:
             raise CurvatureError(
                 f"Curvatures {names}: parameter(s) {', '.join(hidden)} are not the "
