@@ -137,35 +137,35 @@ class ClosureSession:
     def __enter__(self) -> ClosureSession:
         self.backup = GradBackup(self.params)
         self.probe._cleanup(self.params)
-        self.monitor = BackwardMonitor(self.params).__enter__()
-        extensions = (
-            [ext for c in self.probe._curvatures for ext in c.backpack_extensions()]
-            if self.probing
-            else []
-        )
-        if self.probing and self.probe._noise is not None:
-            extensions += self.probe._noise.backpack_extensions()
-        # No extension (exact curvatures only, unprobed steps): no BackPACK context,
-        # so models with modules BackPACK does not know run untouched.
-        self._backpack = (
-            backpack(*extensions) if extensions else contextlib.nullcontext()
-        )
-        self._backpack.__enter__()
-        self._recordings = contextlib.ExitStack()
-        if self.probing:
-            for c in self.probe._curvatures:
-                self._recordings.enter_context(c.recording())
-        self.recorder = self.probe._batch_recorder() if self.probing else None
-        if self.recorder is not None:
-            self.recorder.__enter__()
+        # One stack for everything entered, so that a failure while entering
+        # (or _close) undoes exactly what was entered, in reverse order.
+        self._stack = contextlib.ExitStack()
+        try:
+            self.monitor = self._stack.enter_context(BackwardMonitor(self.params))
+            extensions = (
+                [ext for c in self.probe._curvatures for ext in c.backpack_extensions()]
+                if self.probing
+                else []
+            )
+            if self.probing and self.probe._noise is not None:
+                extensions += self.probe._noise.backpack_extensions()
+            # No extension (exact curvatures only, unprobed steps): no BackPACK
+            # context, so models with modules BackPACK does not know run untouched.
+            if extensions:
+                self._stack.enter_context(backpack(*extensions))
+            if self.probing:
+                for c in self.probe._curvatures:
+                    self._stack.enter_context(c.recording())
+            self.recorder = self.probe._batch_recorder() if self.probing else None
+            if self.recorder is not None:
+                self._stack.enter_context(self.recorder)
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     def _close(self) -> None:
-        self._recordings.close()
-        if self.recorder is not None:
-            self.recorder.__exit__(None, None, None)
-        self._backpack.__exit__(None, None, None)
-        self.monitor.__exit__(None, None, None)
+        self._stack.close()
 
     def fail(self, error: BaseException) -> BaseException:
         """Undo what the user code did and return the error to raise."""

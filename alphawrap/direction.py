@@ -25,9 +25,10 @@ def step_products(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dᵀg, ‖d‖², ‖g‖²)`` over all blocks, as 0-d tensors of dtype ``acc``.
 
-    Blocks whose gradient is ``None`` count in ``‖d‖²`` only. A constant number of
-    kernel launches (two fused norms, one dot product), whatever the number of
-    parameters.
+    Blocks whose gradient is ``None`` count in ``‖d‖²`` only. The norms are two
+    fused kernels over all blocks; ``dᵀg`` is one dot product per block (no
+    concatenated copies of ``d`` and ``g``: at most one block is converted to
+    ``acc`` at a time).
 
     Example:
         >>> d = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
@@ -35,19 +36,17 @@ def step_products(
         >>> [t.item() for t in step_products(d, g, torch.float32)]
         [3.0, 14.0, 2.0]
     """
-    pairs = [(d, g) for d, g in zip(directions, grads) if g is not None]
     dd = torch.stack(torch._foreach_norm(list(directions), 2, dtype=acc))
     dd = torch.sum(dd * dd)
+    pairs = [(d, g) for d, g in zip(directions, grads) if g is not None]
     if not pairs:
         zero = torch.zeros((), dtype=acc, device=dd.device)
         return zero, dd, zero
-    gs = [g for _, g in pairs]
-    gg = torch.stack(torch._foreach_norm(gs, 2, dtype=acc))
-    slope = torch.dot(
-        torch.cat([d.reshape(-1).to(acc) for d, _ in pairs]),
-        torch.cat([g.reshape(-1).to(acc) for g in gs]),
+    gg = torch.stack(torch._foreach_norm([g for _, g in pairs], 2, dtype=acc))
+    slope = torch.stack(
+        [torch.dot(d.reshape(-1).to(acc), g.reshape(-1).to(acc)) for d, g in pairs]
     )
-    return slope, dd, torch.sum(gg * gg)
+    return slope.sum(), dd, torch.sum(gg * gg)
 
 
 class GradBackup:

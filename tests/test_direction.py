@@ -445,3 +445,44 @@ def test_mode_toggled_between_steps():
     with pytest.raises(ValueError, match="Invalid mode"):
         probe.mode = "rescale"
     assert probe.mode == modes[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_step_products_per_block_without_concatenating(dtype):
+    """dᵀg, ‖d‖², ‖g‖² match a float64 reference; no block is concatenated (a
+    concatenation would copy all of d and g: twice the parameters' memory)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from alphawrap.direction import step_products
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (4,), (2, 3, 2), (0,)]
+    ds = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    gs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    gs[0] = gs[0].T.contiguous().T  # a non-contiguous gradient
+    gs[1] = None  # a block without gradient counts in ‖d‖² only
+    acc = torch.promote_types(dtype, torch.float32)
+    with Ops() as ops:
+        slope, dd, gg = step_products(ds, gs, acc)
+    assert "cat" not in ops.names
+    ref = [(d.double(), None if g is None else g.double()) for d, g in zip(ds, gs)]
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    torch.testing.assert_close(
+        slope.double(),
+        sum((d * g).sum() for d, g in ref if g is not None),
+        **tol,
+    )
+    torch.testing.assert_close(dd.double(), sum((d * d).sum() for d, _ in ref), **tol)
+    torch.testing.assert_close(
+        gg.double(), sum((g * g).sum() for _, g in ref if g is not None), **tol
+    )
+    assert slope.dtype == dd.dtype == gg.dtype == acc

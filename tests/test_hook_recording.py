@@ -335,3 +335,116 @@ def test_reparametrised_weight_is_refused_by_blocks_and_replayed_by_exact():
     assert record.curvatures["hessian-exact"] == pytest.approx(
         full_hessian_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
     )
+
+
+def test_user_pre_hook_editing_the_input_in_place_is_detected():
+    """A module pre-hook that scales its input in place runs after the recorder's
+    global pre-hook: the recorded chain no longer describes the model, so the
+    block curvatures refuse and the exact ones replay (and stay exact)."""
+    model, loss_fn, x, y = _plain_problem()
+
+    def scale_input(module, inputs):
+        inputs[0].mul_(2)
+
+    model[1].register_forward_pre_hook(scale_input)
+    blocks = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
+    with pytest.raises(CurvatureError, match="in place"):
+        _step(blocks, model, loss_fn, x, y)
+    exact = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        curvature="ggn-exact",
+        model=model,
+        loss_fn=loss_fn,
+    )
+    directions, _ = _step(exact, model, loss_fn, x, y)
+    assert exact.history[-1].curvatures["ggn-exact"] == pytest.approx(
+        full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+    )
+
+
+def test_unbatched_convolution_input_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(0), nn.Linear(4 * 4 * 5, 2)
+    )
+    x, y, loss_fn = torch.randn(1, 4, 5), torch.randn(2), nn.MSELoss()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(CurvatureError, match="batch dimension"):
+        _step(probe, model, loss_fn, x, y)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_no_hooks_remain_when_entering_the_recording_fails(monkeypatch):
+    from alphawrap import batch
+
+    model, loss_fn, x, y = _plain_problem()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        curvature=["hessian", "ggn-exact"],
+        model=model,
+        loss_fn=loss_fn,
+    )
+
+    def broken(self):
+        raise RuntimeError("cannot record")
+
+    monkeypatch.setattr(batch.BatchRecorder, "__enter__", broken)
+    with pytest.raises(RuntimeError, match="cannot record"):
+        _step(probe, model, loss_fn, x, y)
+    assert not torch.nn.modules.module._global_forward_hooks
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_hook_recorder_entered_twice_leaves_no_hooks():
+    from alphawrap.curvature.sweep import HookRecorder
+
+    model, loss_fn, _, _ = _plain_problem()
+    recorder = HookRecorder(model, loss_fn)
+    recorder.__enter__()
+    recorder.__enter__()
+    recorder.__exit__()
+    assert not torch.nn.modules.module._global_forward_hooks
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    "loss_fn,targets",
+    [
+        (nn.CrossEntropyLoss(), "ignored"),
+        (nn.CrossEntropyLoss(label_smoothing=0.2), "ignored"),
+        (nn.CrossEntropyLoss(ignore_index=1, reduction="sum"), "classes"),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), "probabilities"),
+    ],
+    ids=["ignore-index", "ignore-index-smoothed", "custom-ignore-sum", "soft-targets"],
+)
+def test_cross_entropy_targets_the_loss_hessian_must_weigh(loss_fn, targets):
+    """Ignored targets contribute nothing (and the mean divides by the others);
+    class probabilities weigh a sample by their sum. BackPACK's loss Hessian
+    assumes neither; the sweep's own matches the dense reference."""
+    model, _, x, y = _plain_problem()
+    if targets == "ignored":
+        y[[1, 4]] = -100
+    elif targets == "probabilities":
+        y = 2 * torch.softmax(torch.randn(6, 3, dtype=torch.float64), dim=1)
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        curvature=["hessian", "ggn-exact"],
+        model=model,
+        loss_fn=loss_fn,
+    )
+    directions, _ = _step(probe, model, loss_fn, x, y)
+    record = probe.history[-1]
+    blocks = recursive_block_quadratics(model, loss_fn, x, y, directions, "keep")
+    assert record.curvatures["hessian"] == pytest.approx(
+        sum(blocks.values()).item(), rel=1e-9
+    )
+    assert record.curvatures["ggn-exact"] == pytest.approx(
+        full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+    )

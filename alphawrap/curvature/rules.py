@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from alphawrap.errors import CurvatureError
+
 
 class BackpackRule:
     """Local derivatives from a BackPACK derivatives object (any supported module).
@@ -134,6 +136,20 @@ class _ReLU(BackpackRule):
         return torch.ops.aten.threshold_backward(tangents, trace.output, 0.0)
 
 
+def _require_batch(trace: Any, spatial: int) -> None:
+    """Refuse an unbatched input: the rules put the batch in dimension 0."""
+    if trace.inputs[0].dim() != spatial + 2:
+        raise CurvatureError(
+            f"{type(trace.module).__name__} got an input of shape "
+            f"{tuple(trace.inputs[0].shape)}; the tangent sweep needs a batch "
+            f"dimension ({spatial + 2}-d input). Add one (x.unsqueeze(0)) or use "
+            "an exact curvature."
+        )
+
+
+_POOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+
+
 class _ConvNd(BackpackRule):
     """``Conv1d/2d/3d``: the layer is linear in its input and in its weight.
 
@@ -146,7 +162,17 @@ class _ConvNd(BackpackRule):
 
     @staticmethod
     def _conv(trace: Any, x: Tensor, weight: Tensor) -> Tensor:
-        return trace.module._conv_forward(x, weight, None)
+        _require_batch(trace, trace.module.weight.dim() - 2)
+        if not x.is_cuda:
+            return trace.module._conv_forward(x, weight, None)
+        # cuDNN convolutions default to TF32 on Ampere and newer; BackPACK's
+        # unfold + einsum reference (matmul) does not: keep full float32.
+        cudnn = torch.backends.cudnn
+        allowed, cudnn.allow_tf32 = cudnn.allow_tf32, False
+        try:
+            return trace.module._conv_forward(x, weight, None)
+        finally:
+            cudnn.allow_tf32 = allowed
 
     def jac(self, trace: Any, tangents: Tensor) -> Tensor:
         out = self._conv(trace, tangents.flatten(0, 1), trace.module.weight)
@@ -171,7 +197,9 @@ class _MaxPoolNd(BackpackRule):
 
     def jac(self, trace: Any, tangents: Tensor) -> Tensor:
         m, x = trace.module, trace.inputs[0]
-        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[x.dim() - 3]
+        spatial = _POOL_DIMS[type(m)]
+        _require_batch(trace, spatial)
+        pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[spatial - 1]
         _, index = pool(
             x,
             m.kernel_size,
@@ -222,19 +250,33 @@ class _Sigmoid(_Elementwise):
 
 
 class _CrossEntropyLoss(BackpackRule):
-    """``∇²ℓ = diag(p) − ppᵀ`` per sample: ``ṫᵀ∇²ℓṫ = Σ p ṫ² − (Σ p ṫ)²``."""
+    r"""``∇²ℓ = c (diag(p) − ppᵀ)`` per position: ``ṫᵀ∇²ℓṫ = c (Σ p ṫ² − (Σ p ṫ)²)``.
+
+    The factor ``c`` is the total weight of the position's target: 0 for a class
+    index equal to ``ignore_index`` (and the mean then divides by the number of
+    the others, as ``nn.CrossEntropyLoss`` does), else 1; for class
+    probabilities ``(1 − ε) Σ_c y_c + ε`` with label smoothing ``ε``. BackPACK's
+    product assumes ``c = 1`` everywhere. Class weights fall back to BackPACK
+    (which refuses them).
+    """
 
     def loss_quadratic(self, trace: Any, tangents: Tensor, acc: torch.dtype) -> Tensor:
         module, x = trace.module, trace.inputs[0]
-        if module.weight is not None or module.ignore_index != -100:
-            return super().loss_quadratic(trace, tangents, acc)  # BackPACK refuses
+        target = trace.inputs[1] if len(trace.inputs) > 1 else None
+        if module.weight is not None or not isinstance(target, Tensor):
+            return super().loss_quadratic(trace, tangents, acc)
         weighted = tangents * torch.softmax(x, dim=1)
-        values = (weighted * tangents).flatten(1).sum(1, dtype=acc)
-        mean = weighted.sum(2)  # over classes: [V, N, ...]
-        values = values - (mean * mean).flatten(1).sum(1, dtype=acc)
-        if module.reduction == "mean":
-            values = values / (x.numel() // x.shape[1])
-        return values
+        mean = weighted.sum(2, dtype=acc)  # over classes: [V, N, ...]
+        per_position = (weighted * tangents).sum(2, dtype=acc) - mean * mean
+        if target.is_floating_point():  # class probabilities, shaped like x
+            eps = module.label_smoothing
+            factor = target.sum(1).to(acc) * (1 - eps) + eps
+            count: Tensor | int = x.numel() // x.shape[1]
+        else:
+            factor = (target != module.ignore_index).to(acc)
+            count = factor.sum()
+        values = (per_position * factor).flatten(1).sum(1)
+        return values / count if module.reduction == "mean" else values
 
 
 class _MSELoss(BackpackRule):

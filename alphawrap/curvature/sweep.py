@@ -165,6 +165,7 @@ class HookRecorder:
         self.entries.clear()
 
     def __enter__(self) -> HookRecorder:
+        self.__exit__()  # entered again without exit: never leave hooks behind
         self.entries.clear()
         leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
         self._watched = {id(m) for m in [*leaves, self.loss_fn]}
@@ -192,6 +193,18 @@ class HookRecorder:
             return
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
+        before = self._input_versions.pop(id(module), -1)
+        first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        if (
+            first is not None
+            and first._version != before
+            and not _same_tensor(first, output)
+        ):
+            # The input changed in place after the global pre-hook saw it (a
+            # module pre-hook of the user's, or the forward itself) without being
+            # the output: what the previous module passed on is not what this one
+            # used, so the chain check must refuse.
+            before = -2
         entry = _Trace(
             module,
             self._derivatives.get(type(module)),
@@ -199,7 +212,7 @@ class HookRecorder:
             output,
             (None,),
             [None],  # type: ignore[arg-type]
-            (self._input_versions.pop(id(module), -1), output._version),
+            (before, output._version),
         )
         if output.requires_grad and self.needs_delta(module):
 
