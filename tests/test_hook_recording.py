@@ -40,6 +40,20 @@ def _step(probe, model, loss_fn, x, y):
     return directions, current
 
 
+def _assert_ggn_exact_is_exact(model, loss_fn, x, y, optimizer):
+    """One probed step with ``ggn-exact``; it equals the dense GGN along d."""
+    probe = AlphaProbe(
+        optimizer(model.parameters(), lr=0.1),
+        curvature="ggn-exact",
+        model=model,
+        loss_fn=loss_fn,
+    )
+    directions, _ = _step(probe, model, loss_fn, x, y)
+    assert probe.history[-1].curvatures["ggn-exact"] == pytest.approx(
+        full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+    )
+
+
 def test_block_curvatures_without_extend_match_reference():
     model, loss_fn, x, y = _plain_problem()
     names = list(RESIDUAL)
@@ -186,17 +200,7 @@ def test_loss_subclass_falls_back_to_the_replay():
             super().__init__(label_smoothing=0.1)
 
     model, _, x, y = _plain_problem()
-    loss_fn = LabelSmoothed()
-    probe = AlphaProbe(
-        torch.optim.Adam(model.parameters()),
-        curvature="ggn-exact",
-        model=model,
-        loss_fn=loss_fn,
-    )
-    directions, _ = _step(probe, model, loss_fn, x, y)
-    assert probe.history[-1].curvatures["ggn-exact"] == pytest.approx(
-        full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
-    )
+    _assert_ggn_exact_is_exact(model, LabelSmoothed(), x, y, torch.optim.Adam)
 
 
 def test_apply_mode_with_a_block_curvature_warns():
@@ -352,16 +356,7 @@ def test_user_pre_hook_editing_the_input_in_place_is_detected():
     )
     with pytest.raises(CurvatureError, match="in place"):
         _step(blocks, model, loss_fn, x, y)
-    exact = AlphaProbe(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        curvature="ggn-exact",
-        model=model,
-        loss_fn=loss_fn,
-    )
-    directions, _ = _step(exact, model, loss_fn, x, y)
-    assert exact.history[-1].curvatures["ggn-exact"] == pytest.approx(
-        full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
-    )
+    _assert_ggn_exact_is_exact(model, loss_fn, x, y, torch.optim.SGD)
 
 
 def test_unbatched_convolution_input_is_refused():
