@@ -27,6 +27,11 @@ from torch.nn import functional as F
 from alphawrap.errors import CurvatureError
 
 
+def per_slot(values: Tensor, acc: torch.dtype) -> Tensor:
+    """Sum a ``[V, ...]`` tensor over everything but the leading (slot) dimension."""
+    return values.reshape(values.shape[0], -1).sum(1, dtype=acc)
+
+
 class BackpackRule:
     """Local derivatives from a BackPACK derivatives object (any supported module).
 
@@ -98,8 +103,7 @@ class BackpackRule:
 
     def loss_quadratic(self, trace: Any, tangents: Tensor, acc: torch.dtype) -> Tensor:
         """``[V]``: ``ṫᵀ ∇²ℓ ṫ`` for each stacked tangent ``ṫ`` of the loss input."""
-        product = self.loss_hessian_prod(trace)(tangents)
-        return (tangents * product).reshape(tangents.shape[0], -1).sum(1, dtype=acc)
+        return per_slot(tangents * self.loss_hessian_prod(trace)(tangents), acc)
 
 
 class _Linear(BackpackRule):
@@ -286,7 +290,7 @@ class _MSELoss(BackpackRule):
         module, x = trace.module, trace.inputs[0]
         if x.dim() != 2:
             return super().loss_quadratic(trace, tangents, acc)  # BackPACK refuses
-        values = 2 * (tangents * tangents).flatten(1).sum(1, dtype=acc)
+        values = 2 * per_slot(tangents * tangents, acc)
         return values / x.numel() if module.reduction == "mean" else values
 
 

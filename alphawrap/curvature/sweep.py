@@ -43,7 +43,7 @@ import itertools
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from backpack.extensions import HMP
@@ -61,6 +61,7 @@ from alphawrap.curvature.rules import (
     CROSS_TERM_MODULES,
     FAST_RULES,
     BackpackRule,
+    per_slot,
     rule_for,
 )
 from alphawrap.errors import CurvatureError
@@ -155,6 +156,7 @@ class HookRecorder:
         self._watched: set[int] = set()
         self.cross_terms = False
         """Whether the exact Hessian's cross terms need ``δ`` at Linear/Conv."""
+        self._needs_delta: dict[tuple[type, bool], bool] = {}
 
     @property
     def trace(self) -> list[_Trace]:
@@ -180,7 +182,7 @@ class HookRecorder:
     def _before(self, module: nn.Module, inputs: tuple) -> None:
         if id(module) not in self._watched:
             return
-        first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        first = _first_input(inputs)
         self._input_versions[id(module)] = -1 if first is None else first._version
 
     def __exit__(self, *exc: object) -> None:
@@ -194,7 +196,7 @@ class HookRecorder:
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
         before = self._input_versions.pop(id(module), -1)
-        first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+        first = _first_input(inputs)
         if (
             first is not None
             and first._version != before
@@ -230,15 +232,23 @@ class HookRecorder:
         and only for the exact Hessian's cross terms. A missing ``δ`` is never
         read silently: the rules that use it fail on ``None``.
         """
-        rule = FAST_RULES.get(type(module))
-        if rule is None or _is_loss_module(module):
-            return True
-        if not rule(None).residual_is_zero(None):
-            return True
-        return self.cross_terms and type(module) in CROSS_TERM_MODULES
+        key = (type(module), self.cross_terms)
+        if key not in self._needs_delta:  # per module class, not per call
+            rule = FAST_RULES.get(type(module))
+            self._needs_delta[key] = (
+                rule is None
+                or _is_loss_module(module)
+                or not rule(None).residual_is_zero(None)
+                or (self.cross_terms and type(module) in CROSS_TERM_MODULES)
+            )
+        return self._needs_delta[key]
 
 
-def _is_loss_module(module: nn.Module) -> bool:
+def _first_input(inputs: tuple) -> Tensor | None:
+    return inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+
+
+def _is_loss_module(module: Any) -> bool:
     # Exact classes, like BackPACK: a subclass may compute something else.
     return type(module) in (nn.MSELoss, nn.CrossEntropyLoss)
 
@@ -252,11 +262,6 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     return (
         a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
     )
-
-
-def _per_slot(values: Tensor, acc: torch.dtype) -> Tensor:
-    """Sum a ``[V, ...]`` tensor over everything but the leading dimension."""
-    return values.reshape(values.shape[0], -1).sum(1, dtype=acc)
 
 
 class TangentSweep:
@@ -274,7 +279,7 @@ class TangentSweep:
 
     def bind(self, model: nn.Module | None, loss_fn: Any) -> None:
         """Record with plain hooks on ``model`` if it and a loss module are known."""
-        if model is not None and type(loss_fn) in (nn.MSELoss, nn.CrossEntropyLoss):
+        if model is not None and _is_loss_module(loss_fn):
             bound = self.hooks
             if bound is None or (bound.model, bound.loss_fn) != (model, loss_fn):
                 self.hooks = HookRecorder(model, loss_fn)
@@ -601,7 +606,7 @@ class TangentSweep:
             )
         if parts:
             product = rule.residual_mat_prod(trace, tangents)
-            parts["hessian"].append((count, _per_slot(tangents * product, acc)))
+            parts["hessian"].append((count, per_slot(tangents * product, acc)))
         if exact_hessian:
             extra.append(
                 torch.sum((total * rule.residual_mat_prod(trace, total)).to(acc))
@@ -617,7 +622,6 @@ class SweepCurvature(Curvature):
 
     blockwise = True
     needs_backpack_modules = True
-    kind: ClassVar[str]
 
     def supported_modules(self) -> list[str]:
         return supported_modules(self.engine.recorder)
@@ -625,7 +629,7 @@ class SweepCurvature(Curvature):
     def __init__(self, engine: TangentSweep | None = None) -> None:
         self.engine = engine if engine is not None else TangentSweep()
         self.engine.users.append(self)
-        self.engine.add(self.kind)
+        self.engine.add(self.name)
 
     def backpack_extensions(self) -> list[Any]:
         return self.engine.extensions_for(self)
@@ -640,7 +644,7 @@ class SweepCurvature(Curvature):
         self.engine.chain(ctx)
 
     def quadratic(self, ctx: EvaluationContext) -> Tensor:
-        return self.engine.quadratics(ctx)[self.kind]
+        return self.engine.quadratics(ctx)[self.name]
 
     def cleanup(self, params: Sequence[Tensor]) -> None:
         self.engine.reset()
@@ -650,7 +654,6 @@ class SweepHessian(SweepCurvature):
     """Block-diagonal Hessian (fast path; reference: BackPACK ``HMP``)."""
 
     name = "hessian"
-    kind = "hessian"
     description = "block-diagonal Hessian (BackPACK HMP, tangent sweep)"
 
 
@@ -658,7 +661,6 @@ class SweepGGN(SweepCurvature):
     """Block-diagonal GGN (fast path; reference: BackPACK ``GGNMP``)."""
 
     name = "ggn"
-    kind = "ggn"
     description = (
         "block-diagonal generalized Gauss-Newton (BackPACK GGNMP, tangent sweep)"
     )
@@ -668,7 +670,6 @@ class SweepPCHClip(SweepCurvature):
     """Positive-curvature Hessian, clip (fast path; reference: fixed ``PCHMP``)."""
 
     name = "pch-clip"
-    kind = "pch-clip"
     description = "block-diagonal positive-curvature Hessian, clip (tangent sweep)"
 
 
@@ -676,7 +677,6 @@ class SweepPCHAbs(SweepCurvature):
     """Positive-curvature Hessian, abs (fast path; reference: fixed ``PCHMP``)."""
 
     name = "pch-abs"
-    kind = "pch-abs"
     description = "block-diagonal positive-curvature Hessian, abs (tangent sweep)"
 
 
