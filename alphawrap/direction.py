@@ -19,16 +19,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+PACK_LIMIT = 1 << 20
+"""Largest total number of elements :func:`step_products` packs into one buffer.
+
+Below it the per-block kernel launches cost more than the arithmetic; the
+packed copies of ``d`` and ``g`` then hold at most 8 MB (float32)."""
+
 
 def step_products(
     directions: Sequence[Tensor], grads: Sequence[Tensor | None], acc: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dᵀg, ‖d‖², ‖g‖²)`` over all blocks, as 0-d tensors of dtype ``acc``.
 
-    Blocks whose gradient is ``None`` count in ``‖d‖²`` only. The norms are two
-    fused kernels over all blocks; ``dᵀg`` is one dot product per block (no
-    concatenated copies of ``d`` and ``g``: at most one block is converted to
-    ``acc`` at a time).
+    Blocks whose gradient is ``None`` count in ``‖d‖²`` only.
+
+    Two strategies, chosen by size. Up to :data:`PACK_LIMIT` elements in all (one
+    dtype ``acc``, one device), ``d`` and ``g`` are packed into one buffer each
+    and the three products are three dot products: on models this small the cost
+    is the number of kernel launches, not the arithmetic. Above it, no block is
+    copied (a packed copy of ``d`` and ``g`` would cost twice the parameters'
+    memory): two fused norms and one dot product per block, with at most one
+    block converted to ``acc`` at a time.
 
     Example:
         >>> d = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
@@ -36,6 +47,19 @@ def step_products(
         >>> [t.item() for t in step_products(d, g, torch.float32)]
         [3.0, 14.0, 2.0]
     """
+    if _packable(directions, grads, acc):
+        packed_d = torch.cat([d.reshape(-1) for d in directions])
+        packed_g = torch.cat(
+            [
+                (torch.zeros_like(d) if g is None else g).reshape(-1)
+                for d, g in zip(directions, grads)
+            ]
+        )
+        return (
+            torch.dot(packed_d, packed_g),
+            torch.dot(packed_d, packed_d),
+            torch.dot(packed_g, packed_g),
+        )
     dd = torch.stack(torch._foreach_norm(list(directions), 2, dtype=acc))
     dd = torch.sum(dd * dd)
     pairs = [(d, g) for d, g in zip(directions, grads) if g is not None]
@@ -47,6 +71,23 @@ def step_products(
         [torch.dot(d.reshape(-1).to(acc), g.reshape(-1).to(acc)) for d, g in pairs]
     )
     return slope.sum(), dd, torch.sum(gg * gg)
+
+
+def _packable(
+    directions: Sequence[Tensor], grads: Sequence[Tensor | None], acc: torch.dtype
+) -> bool:
+    """Whether all blocks fit one packed buffer of dtype ``acc`` on one device."""
+    if not directions:
+        return False
+    device = directions[0].device
+    total = 0
+    for d, g in zip(directions, grads):
+        if d.dtype != acc or d.device != device:
+            return False
+        if g is not None and (g.dtype != acc or g.device != device):
+            return False
+        total += d.numel()
+    return total <= PACK_LIMIT
 
 
 class GradBackup:
@@ -94,11 +135,22 @@ class BackwardMonitor:
         self._handles.clear()
 
 
+_IMMUTABLE = (int, float, bool, str, bytes, type(None))
+
+
+def _copy(value: Any) -> Any:
+    """An independent copy: tensors cloned, immutable scalars shared, rest deep."""
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, _IMMUTABLE) or (
+        type(value) is tuple and all(isinstance(v, _IMMUTABLE) for v in value)
+    ):
+        return value
+    return copy.deepcopy(value)
+
+
 def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v)
-        for k, v in state.items()
-    }
+    return {k: _copy(v) for k, v in state.items()}
 
 
 class StepTransaction:
@@ -125,7 +177,7 @@ class StepTransaction:
             for p, had in zip(params, self._had_state)
         ]
         self._group_settings = [
-            {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
+            {k: _copy(v) for k, v in g.items() if k != "params"}
             for g in optimizer.param_groups
         ]
         self.directions: list[Tensor] = []

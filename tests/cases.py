@@ -76,6 +76,15 @@ PROBLEMS = [
         True,
         frozen=("0.bias",),
     ),
+    Problem(
+        "tanh-ce-frozen-weights",  # layers whose bias alone moves
+        _mlp(nn.Tanh),
+        nn.CrossEntropyLoss,
+        4,
+        3,
+        True,
+        frozen=("0.weight", "2.weight"),
+    ),
 ]
 PROBLEM_IDS = [p.name for p in PROBLEMS]
 

@@ -447,13 +447,26 @@ def test_mode_toggled_between_steps():
     assert probe.mode == modes[-1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_step_products_per_block_without_concatenating(dtype):
-    """dᵀg, ‖d‖², ‖g‖² match a float64 reference; no block is concatenated (a
-    concatenation would copy all of d and g: twice the parameters' memory)."""
+@pytest.mark.parametrize(
+    ("dtype", "limit", "packed"),
+    [
+        (torch.float64, 1 << 24, True),  # small model: packed, three dot products
+        (torch.float32, 1 << 24, True),
+        (torch.float64, 10, False),  # above the limit: per block, no copy of d, g
+        (torch.bfloat16, 1 << 24, False),  # accumulated in float32: per block
+    ],
+)
+def test_step_products_packs_small_models_only(monkeypatch, dtype, limit, packed):
+    """dᵀg, ‖d‖², ‖g‖² match a float64 reference. Only up to ``PACK_LIMIT``
+    elements are the blocks concatenated (a concatenation copies all of d and g:
+    twice the parameters' memory); above it, or for a dtype accumulated in a wider
+    one, the products are taken per block."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from alphawrap import direction
     from alphawrap.direction import step_products
+
+    monkeypatch.setattr(direction, "PACK_LIMIT", limit)
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -473,9 +486,15 @@ def test_step_products_per_block_without_concatenating(dtype):
     acc = torch.promote_types(dtype, torch.float32)
     with Ops() as ops:
         slope, dd, gg = step_products(ds, gs, acc)
-    assert "cat" not in ops.names
+    assert ops.names.count("cat") == (2 if packed else 0)
     ref = [(d.double(), None if g is None else g.double()) for d, g in zip(ds, gs)]
-    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    tol = (
+        {"rtol": 1e-12, "atol": 1e-12}
+        if dtype == torch.float64
+        else {"rtol": 1e-6, "atol": 1e-6}
+        if dtype == torch.float32
+        else {}
+    )
     torch.testing.assert_close(
         slope.double(),
         sum((d * g).sum() for d, g in ref if g is not None),
@@ -486,3 +505,14 @@ def test_step_products_per_block_without_concatenating(dtype):
         gg.double(), sum((g * g).sum() for _, g in ref if g is not None), **tol
     )
     assert slope.dtype == dd.dtype == gg.dtype == acc
+
+
+@pytest.mark.parametrize("limit", [1 << 24, 1])
+def test_step_products_without_any_gradient(monkeypatch, limit):
+    """No block has a gradient: dᵀg = ‖g‖² = 0, packed or not."""
+    from alphawrap import direction
+
+    monkeypatch.setattr(direction, "PACK_LIMIT", limit)
+    ds = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    products = direction.step_products(ds, [None, None], torch.float32)
+    assert [t.item() for t in products] == [0.0, 14.0, 0.0]

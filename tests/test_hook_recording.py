@@ -409,6 +409,9 @@ def test_hook_recorder_entered_twice_leaves_no_hooks():
     assert not torch.nn.modules.module._global_forward_pre_hooks
 
 
+_CLASS_WEIGHTS = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
+
+
 @pytest.mark.parametrize(
     "loss_fn,targets",
     [
@@ -416,13 +419,31 @@ def test_hook_recorder_entered_twice_leaves_no_hooks():
         (nn.CrossEntropyLoss(label_smoothing=0.2), "ignored"),
         (nn.CrossEntropyLoss(ignore_index=1, reduction="sum"), "classes"),
         (nn.CrossEntropyLoss(label_smoothing=0.1), "probabilities"),
+        (nn.CrossEntropyLoss(weight=_CLASS_WEIGHTS), "classes"),
+        (nn.CrossEntropyLoss(weight=_CLASS_WEIGHTS, label_smoothing=0.2), "ignored"),
+        (nn.CrossEntropyLoss(weight=_CLASS_WEIGHTS, reduction="sum"), "ignored"),
+        (
+            nn.CrossEntropyLoss(weight=_CLASS_WEIGHTS, label_smoothing=0.1),
+            "probabilities",
+        ),
     ],
-    ids=["ignore-index", "ignore-index-smoothed", "custom-ignore-sum", "soft-targets"],
+    ids=[
+        "ignore-index",
+        "ignore-index-smoothed",
+        "custom-ignore-sum",
+        "soft-targets",
+        "class-weights",
+        "class-weights-ignored-smoothed",
+        "class-weights-ignored-sum",
+        "class-weights-soft-targets",
+    ],
 )
 def test_cross_entropy_targets_the_loss_hessian_must_weigh(loss_fn, targets):
     """Ignored targets contribute nothing (and the mean divides by the others);
-    class probabilities weigh a sample by their sum. BackPACK's loss Hessian
-    assumes neither; the sweep's own matches the dense reference."""
+    class probabilities weigh a sample by their sum; class weights weigh it by
+    its target's weight (and the mean divides by their sum). BackPACK's loss
+    Hessian assumes none of these (and refuses class weights); the sweep's own
+    matches the dense reference."""
     model, _, x, y = _plain_problem()
     if targets == "ignored":
         y[[1, 4]] = -100

@@ -507,26 +507,25 @@ class TangentSweep:
                         exact_hessian,
                         acc,
                     )
-                tangents = rule.jac(trace, tangents)
-            new = []
+                if per_block:
+                    tangents = rule.jac(trace, tangents)
+            owned: dict[str, Tensor] = {}
             for pname in ("weight", "bias"):
                 p = getattr(trace.module, pname, None)
                 i = index.get(id(p)) if isinstance(p, Tensor) else None
                 if i is None or i not in ctx.reached:
                     continue
-                d = ctx.directions[i]
-                new.append(rule.param_jac(trace, pname, d))
+                owned[pname] = ctx.directions[i]
                 slots.append(i)
-                if exact_hessian and total_in is not None and pname == "weight":
-                    # 2 δᵀ (Δθ ẋ): the layer is bilinear in its input and weight.
-                    cross = rule.param_cross(trace, d, total_in)
-                    extra.append(2 * torch.sum((trace.g_out[0] * cross[0]).to(acc)))
-            if new:
-                if per_block:
-                    tangents = torch.cat(new if tangents is None else [tangents, *new])
-                else:
-                    step = sum(new[1:], new[0])
-                    tangents = step if tangents is None else tangents + step
+            if exact_hessian and total_in is not None and "weight" in owned:
+                # 2 δᵀ (ΔW ẋ): the layer is bilinear in its input and weight.
+                cross = rule.param_cross(trace, owned["weight"], total_in)
+                extra.append(2 * _dot(trace.g_out[0], cross, acc))
+            if not per_block:  # one slot: the total tangent J d
+                tangents = rule.push(trace, tangents, owned)
+            elif owned:
+                new = [rule.param_jac(trace, n, d) for n, d in owned.items()]
+                tangents = torch.cat(new if tangents is None else [tangents, *new])
         result = {
             k: torch.zeros(len(ctx.params), dtype=acc, device=device) for k in blocks
         }
@@ -559,7 +558,7 @@ class TangentSweep:
             if "ggn-exact" in result:
                 result["ggn-exact"] = ggn_exact
             if exact_hessian:
-                second = sum(extra, torch.zeros_like(ggn_exact))
+                second = torch.stack(extra).sum() if extra else 0.0
                 result["hessian-exact"] = ggn_exact + second / scale
         return result
 
@@ -596,7 +595,7 @@ class TangentSweep:
                 for k in parts:
                     parts[k].append((count, values[k]))
             if exact_hessian:
-                extra.append(torch.sum((total * total * r).to(acc)))
+                extra.append(_dot(total * total, r.expand_as(total), acc))
             return
         if any(k != "hessian" for k in parts):
             raise CurvatureError(
@@ -608,9 +607,15 @@ class TangentSweep:
             product = rule.residual_mat_prod(trace, tangents)
             parts["hessian"].append((count, per_slot(tangents * product, acc)))
         if exact_hessian:
-            extra.append(
-                torch.sum((total * rule.residual_mat_prod(trace, total)).to(acc))
-            )
+            extra.append(_dot(total, rule.residual_mat_prod(trace, total), acc))
+
+
+def _dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """``Σ a ⊙ b`` over all entries, accumulated in ``acc`` (one kernel)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.dtype != acc or b.dtype != acc:
+        a, b = a.to(acc), b.to(acc)
+    return torch.dot(a, b)
 
 
 class SweepCurvature(Curvature):
