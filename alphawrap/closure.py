@@ -45,6 +45,28 @@ class Pending:
     backup: GradBackup
     loss_scale: Any = None
     batch: Any = None  # alphawrap.batch.RecordedBatch, for the exact curvatures
+    grads: tuple[Tensor | None, ...] | None = None
+    """The gradient tensors a capture() block ended with (a later ``step()``
+    checks that they are still the parameters' gradients)."""
+
+    def check_fresh(self, params: list[Tensor]) -> None:
+        """Refuse a capture whose gradients were replaced since the block ended.
+
+        A backward outside the block (after ``zero_grad()``), e.g. once
+        ``GradScaler`` skipped the step that should have consumed the capture,
+        gives the parameters new gradient tensors: the captured activations and
+        loss no longer belong to them. In-place changes (``GradScaler``'s
+        unscaling, gradient clipping) keep the tensors and are fine.
+        """
+        if self.grads is None:
+            return
+        if any(p.grad is not g for p, g in zip(params, self.grads)):
+            raise ClosureError(
+                "The gradients changed since the capture() block ended (a "
+                "zero_grad() and backward() ran outside it), so the captured step "
+                "is stale and was discarded. Run the backward pass inside a new "
+                "capture() block right before step(). " + CLOSURE_FREE_HELP
+            )
 
 
 def check_loss(loss: Any, require: bool, backward_ran: bool = False) -> Tensor | None:
@@ -121,6 +143,7 @@ class Capture:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         pending = self._session.finish(exc, self.loss, require_loss=False)
         pending.loss_scale = self._loss_scale
+        pending.grads = tuple(p.grad for p in self._session.params)
         self._probe._pending = pending
         return False
 

@@ -622,6 +622,11 @@ class AlphaProbe(Optimizer):
                     "step() needs a closure or a preceding capture() block.\n"
                     + CLOSURE_FREE_HELP
                 )
+            try:
+                pending.check_fresh(self._params())
+            except ClosureError:
+                self._cleanup(self._params())  # drop the stale recording
+                raise
             result = None
         else:
             if not callable(closure):

@@ -121,6 +121,40 @@ def test_step_without_closure_or_capture_raises_and_changes_nothing():
     assert len(probe.history) == 2
 
 
+def test_stale_capture_is_refused_and_changes_nothing():
+    """A capture whose gradients were replaced by a backward outside the block
+    (e.g. after GradScaler skipped the step meant to consume it) is refused, not
+    silently combined with the new gradients; in-place edits of the gradients
+    between block and step (unscaling, clipping) are fine."""
+    model = make_model()
+    probe = make_probe(model)
+    batches = make_batches(3)
+    capture_step(probe, model, batches[0])  # a normal captured step
+    x, y = batches[1]
+    with probe.capture():
+        LOSS_FN(model(x), y).backward()
+    x2, y2 = batches[2]
+    probe.zero_grad()  # the stale case: a new backward outside the block
+    LOSS_FN(model(x2), y2).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    before = copy.deepcopy((model.state_dict(), probe.inner.state_dict()))
+    with pytest.raises(ClosureError, match="stale"):
+        probe.step()
+    assert len(probe.history) == 1 and probe.step_count == 1
+    for k, v in before[0].items():
+        assert torch.equal(model.state_dict()[k], v)
+    assert str(probe.inner.state_dict()) == str(before[1])
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    with pytest.raises(ClosureError, match="preceding capture"):
+        probe.step()  # the stale capture was discarded
+    # in-place changes to the captured gradients are not staleness
+    with probe.capture():
+        LOSS_FN(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    probe.step()
+    assert len(probe.history) == 2
+
+
 # ----------------------------------------------------------------- GradScaler
 def _grad_scaler(init_scale: float):
     try:
