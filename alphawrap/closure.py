@@ -10,6 +10,7 @@ failure restores the gradients and translates BackPACK's errors. The result is a
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,7 @@ def check_loss(loss: Any, require: bool, backward_ran: bool = False) -> Tensor |
 
 
 _NOTE_PREFIX = "alphawrap: "
+_BACKPACK_SCALED_LOSS = r"The output of .* seems to have been modified"
 
 
 def noted(error: BaseException) -> bool:
@@ -137,6 +139,7 @@ class Capture:
         self._probe._pending = None
         self._session = self._probe._closure_session()
         self._session.label = "the capture() block"
+        self._session.scaled = self._loss_scale is not None
         self._session.__enter__()
         return self
 
@@ -156,6 +159,8 @@ class ClosureSession:
         self.params = probe._params()
         self.probing = probe._will_probe()
         self.label = "the closure"
+        self.scaled = False
+        """Whether the backward runs on a loss scaled by a known ``loss_scale``."""
 
     def __enter__(self) -> ClosureSession:
         self.backup = GradBackup(self.params)
@@ -176,6 +181,15 @@ class ClosureSession:
             # context, so models with modules BackPACK does not know run untouched.
             if extensions:
                 self._stack.enter_context(backpack(*extensions))
+                if self.scaled:
+                    # BackPACK warns that the loss output "seems to have been
+                    # modified" when its gradient is not 1; with a known loss
+                    # scale the probe divides it back out, so the warning is
+                    # noise on every step.
+                    self._stack.enter_context(warnings.catch_warnings())
+                    warnings.filterwarnings(
+                        "ignore", message=_BACKPACK_SCALED_LOSS, category=UserWarning
+                    )
             if self.probing:
                 for c in self.probe._curvatures:
                     self._stack.enter_context(c.recording())

@@ -315,12 +315,8 @@ class AlphaProbe(Optimizer):
         # What Optimizer.__init__ would set up; calling it would assign over the
         # param_groups/state/defaults properties that forward to the inner optimizer.
         # OrderedDict as there: torch's RemovableHandle keeps a weak reference to it.
-        self._optimizer_step_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_step_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict[int, Callable] = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict[int, Callable] = OrderedDict()
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
         self._patch_step_function()
 
     # ------------------------------------------------------------------ contract
@@ -407,6 +403,12 @@ class AlphaProbe(Optimizer):
         # original. A pending capture holds this probe's gradients.
         state.pop("step", None)
         state.pop("_pending", None)
+        # Like torch.optim.Optimizer, a copy carries no hooks and no record
+        # callbacks (they close over the original: a TensorBoard writer, a
+        # lambda that does not pickle); register them on the copy.
+        for name in _HOOK_DICTS:
+            state.pop(name, None)
+        state["_record_callbacks"] = []
         # Curvature backends hold BackPACK extensions that do not pickle; they
         # carry no state between steps, so rebuild them from their names.
         state["_curvatures"] = list(self.curvatures)
@@ -424,6 +426,8 @@ class AlphaProbe(Optimizer):
         if self._model is not None:  # parameters are new objects after a copy
             self._param_names = {id(p): n for n, p in self._model.named_parameters()}
         self._pending = None
+        for name in _HOOK_DICTS:
+            setattr(self, name, OrderedDict())
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -1193,6 +1197,17 @@ class AlphaProbe(Optimizer):
                 "device. Move the model with model.to(device) before creating the "
                 "optimizer."
             )
+
+
+_HOOK_DICTS = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+"""The hook registries of the Optimizer contract (OrderedDict, as torch uses)."""
 
 
 def _update_is_finite(

@@ -336,6 +336,37 @@ def test_pickle_round_trip_continues_identically():
     assert fired == [1]
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_carry_no_hooks_or_callbacks_like_torch_optim(how):
+    """torch.optim drops hooks from copies; so does the probe, record callbacks
+    included (a lambda or a TensorBoard writer would not pickle, and a copy
+    would otherwise write into the original's log). The original keeps them."""
+    batches = make_batches(3)
+    model = make_model()
+    probe = make_probe(model)
+    fired = []
+    probe.register_step_pre_hook(lambda *a: fired.append("pre"))
+    probe.register_step_post_hook(lambda *a: fired.append("post"))
+    probe.register_state_dict_pre_hook(lambda *a: fired.append("sd"))
+    probe.add_record_callback(lambda record: fired.append("record"))
+    run(probe, model, batches[:1])
+    assert fired == ["pre", "record", "post"]
+    if how == "deepcopy":
+        model2, probe2 = copy.deepcopy((model, probe))
+    else:
+        model2, probe2 = pickle.loads(pickle.dumps((model, probe)))
+    fired.clear()
+    run(probe2, model2, batches[1:2])
+    probe2.state_dict()
+    assert fired == [] and len(probe2.history) == 2
+    run(probe, model, batches[1:2])  # the original still has them
+    assert fired == ["pre", "record", "post"]
+    # the copy takes new ones
+    probe2.add_record_callback(lambda record: fired.append("copy"))
+    run(probe2, model2, batches[2:])
+    assert fired[-1] == "copy"
+
+
 # -------------------------------------------------------------------- history
 PLAIN = (int, float, str, type(None), bool)
 
