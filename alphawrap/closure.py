@@ -46,28 +46,50 @@ class Pending:
     backup: GradBackup
     loss_scale: Any = None
     batch: Any = None  # alphawrap.batch.RecordedBatch, for the exact curvatures
-    grads: tuple[Tensor | None, ...] | None = None
-    """The gradient tensors a capture() block ended with (a later ``step()``
-    checks that they are still the parameters' gradients)."""
+    watch: BackwardWatch | None = None
+    """For a capture(): notices a backward pass between the block and step()."""
 
-    def check_fresh(self, params: list[Tensor]) -> None:
-        """Refuse a capture whose gradients were replaced since the block ended.
+    def release(self) -> None:
+        """Stop watching for a later backward (the verdict is kept)."""
+        if self.watch is not None:
+            self.watch.close()
 
-        A backward outside the block (after ``zero_grad()``), e.g. once
-        ``GradScaler`` skipped the step that should have consumed the capture,
-        gives the parameters new gradient tensors: the captured activations and
-        loss no longer belong to them. In-place changes (``GradScaler``'s
-        unscaling, gradient clipping) keep the tensors and are fine.
+    def check_fresh(self) -> None:
+        """Refuse a capture after which another backward pass ran.
+
+        A backward outside the block, e.g. once ``GradScaler`` skipped the step
+        that should have consumed the capture, changes the gradients (replaced,
+        summed or overwritten): the captured activations and loss no longer
+        belong to them. In-place edits that are not a backward (``GradScaler``'s
+        unscaling, gradient clipping) are fine.
         """
-        if self.grads is None:
-            return
-        if any(p.grad is not g for p, g in zip(params, self.grads)):
+        if self.watch is not None and self.watch.ran:
             raise ClosureError(
-                "The gradients changed since the capture() block ended (a "
-                "zero_grad() and backward() ran outside it), so the captured step "
-                "is stale and was discarded. Run the backward pass inside a new "
-                "capture() block right before step(). " + CLOSURE_FREE_HELP
+                "Another backward pass ran after the capture() block ended, so the "
+                "captured step is stale and was discarded (its activations and loss "
+                "do not belong to the gradients any more). Run the backward pass "
+                "inside a new capture() block right before step(). " + CLOSURE_FREE_HELP
             )
+
+
+class BackwardWatch:
+    """Notices any gradient accumulated into ``params`` until :meth:`close`."""
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.ran = False
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._mark)
+            for p in params
+            if p.requires_grad
+        ]
+
+    def _mark(self, _param: Tensor) -> None:
+        self.ran = True
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 def check_loss(loss: Any, require: bool, backward_ran: bool = False) -> Tensor | None:
@@ -136,7 +158,7 @@ class Capture:
         self.loss: Tensor | None = None
 
     def __enter__(self) -> Capture:
-        self._probe._pending = None
+        self._probe._discard_pending()
         self._session = self._probe._closure_session()
         self._session.label = "the capture() block"
         self._session.scaled = self._loss_scale is not None
@@ -146,7 +168,7 @@ class Capture:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         pending = self._session.finish(exc, self.loss, require_loss=False)
         pending.loss_scale = self._loss_scale
-        pending.grads = tuple(p.grad for p in self._session.params)
+        pending.watch = BackwardWatch(self._session.params)
         self._probe._pending = pending
         return False
 

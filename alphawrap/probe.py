@@ -503,7 +503,7 @@ class AlphaProbe(Optimizer):
         self.inner.load_state_dict(inner_state)
         self.history, self._step_count, self.mode = history, step, mode
         self._apply_state = apply_state
-        self._pending = None
+        self._discard_pending()
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -626,18 +626,20 @@ class AlphaProbe(Optimizer):
                     "step() needs a closure or a preceding capture() block.\n"
                     + CLOSURE_FREE_HELP
                 )
-            try:
-                pending.check_fresh(self._params())
-            except ClosureError:
-                self._cleanup(self._params())  # drop the stale recording
-                raise
+            pending.release()
+            if self._will_probe():  # unprobed steps use the gradients as they are
+                try:
+                    pending.check_fresh()
+                except ClosureError:
+                    self._cleanup(self._params())  # drop the stale recording
+                    raise
             result = None
         else:
             if not callable(closure):
                 raise TypeError(
                     f"closure must be callable, got {type(closure).__name__}."
                 )
-            self._pending = None
+            self._discard_pending()
             if not self._will_probe():
                 # Between probes (interval > 1) the probe is the inner optimizer:
                 # no BackPACK, no snapshots, no record.
@@ -1046,6 +1048,12 @@ class AlphaProbe(Optimizer):
             if _update_is_finite(theta0, directions, alpha):
                 for p, t0, d in zip(params, theta0, directions):
                     torch.add(t0, d, alpha=alpha, out=p.data)
+
+    def _discard_pending(self) -> None:
+        """Forget an unconsumed capture (and stop watching its gradients)."""
+        if self._pending is not None:
+            self._pending.release()
+            self._pending = None
 
     def _inner_stage(self) -> str:
         return f"the inner optimizer {type(self.inner).__name__} raised during its step"

@@ -122,11 +122,13 @@ def test_step_without_closure_or_capture_raises_and_changes_nothing():
     assert len(probe.history) == 2
 
 
-def test_stale_capture_is_refused_and_changes_nothing():
-    """A capture whose gradients were replaced by a backward outside the block
-    (e.g. after GradScaler skipped the step meant to consume it) is refused, not
-    silently combined with the new gradients; in-place edits of the gradients
-    between block and step (unscaling, clipping) are fine."""
+@pytest.mark.parametrize("set_to_none", [True, False, None])
+def test_stale_capture_is_refused_and_changes_nothing(set_to_none):
+    """A capture after which another backward ran outside the block (e.g. once
+    GradScaler skipped the step meant to consume it) is refused, not silently
+    paired with the new gradients, whether that backward replaced, overwrote or
+    accumulated into them (``None``: no zero_grad); in-place edits of the
+    gradients between block and step (unscaling, clipping) are fine."""
     model = make_model()
     probe = make_probe(model)
     batches = make_batches(3)
@@ -135,12 +137,14 @@ def test_stale_capture_is_refused_and_changes_nothing():
     with probe.capture():
         LOSS_FN(model(x), y).backward()
     x2, y2 = batches[2]
-    probe.zero_grad()  # the stale case: a new backward outside the block
-    LOSS_FN(model(x2), y2).backward()
+    if set_to_none is not None:
+        probe.zero_grad(set_to_none=set_to_none)
+    LOSS_FN(model(x2), y2).backward()  # the stale case: outside the block
     grads = [p.grad.clone() for p in model.parameters()]
     before = copy.deepcopy((model.state_dict(), probe.inner.state_dict()))
     with pytest.raises(ClosureError, match="stale"):
         probe.step()
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
     assert len(probe.history) == 1 and probe.step_count == 1
     for k, v in before[0].items():
         assert torch.equal(model.state_dict()[k], v)
@@ -154,6 +158,36 @@ def test_stale_capture_is_refused_and_changes_nothing():
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     probe.step()
     assert len(probe.history) == 2
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+
+
+def test_stale_capture_on_an_unprobed_step_is_a_plain_step():
+    """Between probes (interval > 1) the inner optimizer uses the gradients as
+    they are, so a capture followed by another backward is not refused."""
+    model = make_model()
+    probe = make_probe(model, interval=2)
+    batches = make_batches(3)
+    capture_step(probe, model, batches[0])  # probed
+    with probe.capture():
+        LOSS_FN(model(batches[1][0]), batches[1][1]).backward()
+    LOSS_FN(model(batches[2][0]), batches[2][1]).backward()
+    probe.step()
+    assert probe.step_count == 2 and len(probe.history) == 1
+
+
+def test_a_new_capture_replaces_an_unconsumed_one_without_leaking_hooks():
+    model = make_model()
+    probe = make_probe(model)
+    x, y = make_batches(1)[0]
+    for _ in range(3):  # e.g. GradScaler skipped the steps
+        probe.zero_grad()
+        with probe.capture():
+            LOSS_FN(model(x), y).backward()
+    hooks = [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
+    assert hooks == [1] * len(hooks)  # only the last capture's watch
+    probe.step()
+    assert len(probe.history) == 1
+    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
 
 
 # ----------------------------------------------------------------- GradScaler
