@@ -13,6 +13,7 @@ from alphawrap.reference import (
 )
 
 RESIDUAL = {"hessian": "keep", "ggn": "drop", "pch-clip": "clip", "pch-abs": "abs"}
+_CLASS_WEIGHTS = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
 
 
 def _plain_problem():
@@ -397,6 +398,43 @@ def test_no_hooks_remain_when_entering_the_recording_fails(monkeypatch):
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
 
+@pytest.mark.parametrize("exact_only", [False, True], ids=["with-blocks", "exact-only"])
+def test_cross_entropy_class_weights_on_image_outputs(exact_only):
+    """Per-pixel cross-entropy ([N, C, H, W] logits) with class weights, ignored
+    pixels and label smoothing, through the block sweep and through the
+    one-slot path of the exact curvatures alone, against dense references."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 1)
+    ).double()
+    loss_fn = nn.CrossEntropyLoss(weight=_CLASS_WEIGHTS, label_smoothing=0.1)
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 3, 3))
+    y[0, 1, :2] = -100
+    curvatures = ["ggn-exact", "hessian-exact"]
+    if not exact_only:
+        curvatures = ["hessian", *curvatures]
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        curvature=curvatures,
+        model=model,
+        loss_fn=loss_fn,
+    )
+    directions, _ = _step(probe, model, loss_fn, x, y)
+    record = probe.history[-1]
+    assert record.curvatures["ggn-exact"] == pytest.approx(
+        full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+    )
+    assert record.curvatures["hessian-exact"] == pytest.approx(
+        full_hessian_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
+    )
+    if not exact_only:
+        blocks = recursive_block_quadratics(model, loss_fn, x, y, directions, "keep")
+        assert record.curvatures["hessian"] == pytest.approx(
+            sum(blocks.values()).item(), rel=1e-9
+        )
+
+
 def test_hook_recorder_entered_twice_leaves_no_hooks():
     from alphawrap.curvature.sweep import HookRecorder
 
@@ -407,9 +445,6 @@ def test_hook_recorder_entered_twice_leaves_no_hooks():
     recorder.__exit__()
     assert not torch.nn.modules.module._global_forward_hooks
     assert not torch.nn.modules.module._global_forward_pre_hooks
-
-
-_CLASS_WEIGHTS = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
 
 
 @pytest.mark.parametrize(
