@@ -40,6 +40,7 @@ refused with a clear error rather than giving silently wrong numbers.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -217,9 +218,16 @@ class HookRecorder:
             (before, output._version),
         )
         if output.requires_grad and self.needs_delta(module):
+            # A weak reference: the hook lives in the output's autograd node, which
+            # the entry keeps alive through the output. A strong one would close a
+            # cycle through C++ that Python's garbage collector cannot see, and
+            # every step's activations would leak.
+            ref = weakref.ref(entry)
 
-            def keep(grad: Tensor, entry: _Trace = entry) -> None:
-                entry.g_out[0] = grad  # type: ignore[index]
+            def keep(grad: Tensor, ref: weakref.ref[_Trace] = ref) -> None:
+                alive = ref()
+                if alive is not None:
+                    alive.g_out[0] = grad  # type: ignore[index]
 
             output.register_hook(keep)
         self.entries.append(entry)
