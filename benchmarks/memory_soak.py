@@ -8,6 +8,12 @@ that the one thing that is meant to grow is measured too; ``--history-size N``
 caps it.
 
     python benchmarks/memory_soak.py [--steps 5000] [--every 250] [--history-size N]
+    python benchmarks/memory_soak.py --route model \
+        --out benchmarks/results/memory_soak_model.json
+
+``--route model`` gives the probe ``model=``/``loss_fn=`` (its own recording
+hooks, which keep output gradients) and the exact curvatures instead of
+BackPACK's ``extend``.
 
 ``growth_minus_history_mb`` is the RSS growth not explained by the records added
 (their in-memory size, measured object by object). With the history capped
@@ -80,19 +86,34 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--history-size", type=int, default=None)
+    parser.add_argument(
+        "--route",
+        choices=("extend", "model"),
+        default="extend",
+        help="BackPACK's extend hooks, or model=/loss_fn= with the exact curvatures",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model = extend(nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10)))
-    loss_fn = extend(nn.CrossEntropyLoss())
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
+    loss_fn = nn.CrossEntropyLoss()
+    if args.route == "extend":
+        model, loss_fn = extend(model), extend(loss_fn)
+        route: dict = {"curvature": ("hessian", "ggn")}
+    else:  # the probe's own recording hooks, δ kept for the exact Hessian
+        route = {
+            "curvature": ("ggn-exact", "hessian", "hessian-exact"),
+            "model": model,
+            "loss_fn": loss_fn,
+        }
     probe = AlphaProbe(
         torch.optim.Adam(model.parameters(), lr=1e-3),
-        curvature=("hessian", "ggn"),
         mode="apply",
         history_size=args.history_size,
+        **route,
     )
     gen = torch.Generator().manual_seed(1)
     batches = [
@@ -131,6 +152,8 @@ def main() -> None:
     added = len(probe.history) - history_len_first
     history_growth_mb = history_memory_mb * added / max(len(probe.history), 1)
     result = {
+        "route": args.route,
+        "curvatures": list(probe.curvatures),
         "steps": args.steps,
         "every": args.every,
         "rss_mb": samples,
