@@ -275,7 +275,12 @@ class BatchRecorder:
     # ------------------------------------------------------------------ hooks
     def _model_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         if torch.is_grad_enabled():
-            self._pending_rng = _rng_state(_first_tensor((args, kwargs)))
+            first = (  # the usual model(x) skips the pytree walk
+                args[0]
+                if args and isinstance(args[0], Tensor)
+                else _first_tensor((args, kwargs))
+            )
+            self._pending_rng = _rng_state(first)
 
     def _model_post(self, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         if torch.is_grad_enabled():

@@ -343,7 +343,7 @@ class TangentSweep:
         return all(
             type(t.module) in CROSS_TERM_MODULES
             for t in layers
-            if any(id(p) in index for p in t.module.parameters(recurse=False))
+            if any(id(p) in index for p in t.module._parameters.values())
         )
 
     def reset(self) -> None:
@@ -438,8 +438,10 @@ class TangentSweep:
                 f"module ({type(layers[-1].module).__name__}); an operation between "
                 "model and loss is invisible to BackPACK."
             )
+        # The modules' own parameter dicts (what parameters(recurse=False) walks,
+        # without its generator machinery: this runs on every probed step).
         orphans = ctx.reached_except(
-            p for t in layers for p in t.module.parameters(recurse=False)
+            p for t in layers for p in t.module._parameters.values() if p is not None
         )
         if orphans:
             raise CurvatureError(
@@ -453,12 +455,13 @@ class TangentSweep:
         # The sweep gives a slot to module.weight / module.bias only; a parameter
         # the module computes them from (torch.nn.utils.prune's weight_orig, a
         # weight-norm g/v pair) would silently get no curvature.
-        hidden = ctx.reached_except(
-            getattr(t.module, n)
+        slots = (
+            getattr(t.module, n, None)
             for t in layers
+            if t.module._parameters  # else an orphan, refused above
             for n in ("weight", "bias")
-            if isinstance(getattr(t.module, n, None), Tensor)
         )
+        hidden = ctx.reached_except(t for t in slots if isinstance(t, Tensor))
         if hidden:
             raise CurvatureError(
                 f"Curvatures {names}: parameter(s) {', '.join(hidden)} are not the "
@@ -518,7 +521,9 @@ class TangentSweep:
                 if per_block:
                     tangents = rule.jac(trace, tangents)
             owned: dict[str, Tensor] = {}
-            for pname in ("weight", "bias"):
+            # A module without parameters of its own has no slot (the chain check
+            # refuses a reached parameter it would get from elsewhere).
+            for pname in ("weight", "bias") if trace.module._parameters else ():
                 p = getattr(trace.module, pname, None)
                 i = index.get(id(p)) if isinstance(p, Tensor) else None
                 if i is None or i not in ctx.reached:
