@@ -499,3 +499,48 @@ def test_cross_entropy_targets_the_loss_hessian_must_weigh(loss_fn, targets):
     assert record.curvatures["ggn-exact"] == pytest.approx(
         full_ggn_quadratic(model, loss_fn, x, y, directions).item(), rel=1e-9
     )
+
+
+@pytest.mark.parametrize("given", ["module", "compiled"])
+def test_compiled_model_gives_the_same_numbers_without_hook_warnings(given):
+    """With ``torch.compile`` the recording hooks also fire for the compiled
+    wrapper (torch warns about it on every step); they record only the model's
+    own modules, so the numbers equal the uncompiled run and the warning is
+    silenced. ``model=`` may be the module or its compiled wrapper."""
+    import copy
+    import warnings
+
+    model, loss_fn, x, y = _plain_problem()
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="eager")
+    names = ["hessian", "ggn-exact", "hessian-exact"]
+    records = []
+    runs = (
+        (model, model, model),
+        (twin, compiled, twin if given == "module" else compiled),
+    )
+    for module, call, passed in runs:
+        probe = AlphaProbe(
+            torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9),
+            curvature=names,
+            model=passed,
+            loss_fn=loss_fn,
+        )
+
+        def closure(probe=probe, call=call):
+            probe.zero_grad()
+            loss = loss_fn(call(x), y)
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                probe.step(closure)
+        assert not [w for w in caught if "global hooks" in str(w.message)]
+        records.append(probe.history[-1])
+    plain, compiled_record = records
+    for name in names:
+        assert compiled_record.curvatures[name] == pytest.approx(
+            plain.curvatures[name], rel=1e-9
+        )
