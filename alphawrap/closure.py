@@ -10,7 +10,7 @@ failure restores the gradients and translates BackPACK's errors. The result is a
 from __future__ import annotations
 
 import contextlib
-import warnings
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,23 +73,36 @@ class Pending:
 
 
 class BackwardWatch:
-    """Notices any gradient accumulated into ``params`` until :meth:`close`."""
+    """Notices any gradient accumulated into ``params`` until :meth:`close`.
+
+    The hooks hold the watch weakly and are removed when it is closed or
+    garbage collected (a capture never consumed by a step, its probe dropped).
+    """
 
     def __init__(self, params: list[Tensor]) -> None:
         self.ran = False
-        self._handles = [
-            p.register_post_accumulate_grad_hook(self._mark)
+        ref = weakref.ref(self)
+
+        def mark(_param: Tensor) -> None:
+            watch = ref()
+            if watch is not None:
+                watch.ran = True
+
+        handles = [
+            p.register_post_accumulate_grad_hook(mark)
             for p in params
             if p.requires_grad
         ]
-
-    def _mark(self, _param: Tensor) -> None:
-        self.ran = True
+        self._close = weakref.finalize(self, _remove_all, handles)
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._close()  # at most once
+
+
+def _remove_all(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def check_loss(loss: Any, require: bool, backward_ran: bool = False) -> Tensor | None:
@@ -123,7 +136,6 @@ def check_loss(loss: Any, require: bool, backward_ran: bool = False) -> Tensor |
 
 
 _NOTE_PREFIX = "alphawrap: "
-_BACKPACK_SCALED_LOSS = r"The output of .* seems to have been modified"
 
 
 def noted(error: BaseException) -> bool:
@@ -161,7 +173,6 @@ class Capture:
         self._probe._discard_pending()
         self._session = self._probe._closure_session()
         self._session.label = "the capture() block"
-        self._session.scaled = self._loss_scale is not None
         self._session.__enter__()
         return self
 
@@ -181,8 +192,6 @@ class ClosureSession:
         self.params = probe._params()
         self.probing = probe._will_probe()
         self.label = "the closure"
-        self.scaled = False
-        """Whether the backward runs on a loss scaled by a known ``loss_scale``."""
 
     def __enter__(self) -> ClosureSession:
         self.backup = GradBackup(self.params)
@@ -203,15 +212,6 @@ class ClosureSession:
             # context, so models with modules BackPACK does not know run untouched.
             if extensions:
                 self._stack.enter_context(backpack(*extensions))
-                if self.scaled:
-                    # BackPACK warns that the loss output "seems to have been
-                    # modified" when its gradient is not 1; with a known loss
-                    # scale the probe divides it back out, so the warning is
-                    # noise on every step.
-                    self._stack.enter_context(warnings.catch_warnings())
-                    warnings.filterwarnings(
-                        "ignore", message=_BACKPACK_SCALED_LOSS, category=UserWarning
-                    )
             if self.probing:
                 for c in self.probe._curvatures:
                     self._stack.enter_context(c.recording())

@@ -40,7 +40,6 @@ refused with a clear error rather than giving silently wrong numbers.
 from __future__ import annotations
 
 import itertools
-import warnings
 import weakref
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -159,7 +158,6 @@ class HookRecorder:
         self.cross_terms = False
         """Whether the exact Hessian's cross terms need ``δ`` at Linear/Conv."""
         self._needs_delta: dict[tuple[type, bool], bool] = {}
-        self._warnings: Any = None
 
     @property
     def trace(self) -> list[_Trace]:
@@ -180,11 +178,6 @@ class HookRecorder:
             register_module_forward_pre_hook(self._before),
             register_module_forward_hook(self._record),
         ]
-        # torch.compile warns that global hooks also fire for its OptimizedModule
-        # wrapper; they record only the watched modules, so that is noise.
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
-        warnings.filterwarnings("ignore", message=_COMPILE_GLOBAL_HOOKS)
         return self
 
     def _before(self, module: nn.Module, inputs: tuple) -> None:
@@ -197,9 +190,6 @@ class HookRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self._warnings is not None:
-            self._warnings.__exit__(None, None, None)
-            self._warnings = None
 
     def _record(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if id(module) not in self._watched:
@@ -260,9 +250,6 @@ class HookRecorder:
                 or (self.cross_terms and type(module) in CROSS_TERM_MODULES)
             )
         return self._needs_delta[key]
-
-
-_COMPILE_GLOBAL_HOOKS = r"Using `torch.compile\(module\)` when there are global hooks"
 
 
 def _first_input(inputs: tuple) -> Tensor | None:
