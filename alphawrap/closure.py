@@ -18,7 +18,7 @@ from backpack import backpack
 from torch import Tensor
 
 from alphawrap.curvature.blockdiag import translate_backpack_error
-from alphawrap.direction import BackwardMonitor, GradBackup
+from alphawrap.direction import GradBackup, remove_handles
 from alphawrap.errors import ClosureError, ProbeError
 
 if TYPE_CHECKING:
@@ -93,16 +93,10 @@ class BackwardWatch:
             for p in params
             if p.requires_grad
         ]
-        self._close = weakref.finalize(self, _remove_all, handles)
+        self._close = weakref.finalize(self, remove_handles, handles)
 
     def close(self) -> None:
         self._close()  # at most once
-
-
-def _remove_all(handles: list[Any]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
 
 
 def check_loss(loss: Any, require: bool, backward_ran: bool = False) -> Tensor | None:
@@ -200,7 +194,9 @@ class ClosureSession:
         # (or _close) undoes exactly what was entered, in reverse order.
         self._stack = contextlib.ExitStack()
         try:
-            self.monitor = self._stack.enter_context(BackwardMonitor(self.params))
+            self.monitor = self._stack.enter_context(
+                self.probe._backward_monitor(self.params)
+            )
             extensions = (
                 [ext for c in self.probe._curvatures for ext in c.backpack_extensions()]
                 if self.probing

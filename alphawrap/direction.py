@@ -5,13 +5,15 @@ step and measuring ``d = θ₁ - θ₀``. This works for any optimizer that foll
 ``torch.optim`` contract (it only needs ``step()``), and in observe mode leaves
 parameters and optimizer state bitwise identical to the unwrapped optimizer by
 construction. Curvature must be evaluated at ``θ₀``: :class:`StepTransaction`
-swaps the parameters' storage between ``θ₀`` and ``θ₁`` without copying, and can
+points the parameters at ``θ₀`` or ``θ₁`` without copying, and can
 roll the whole step back (parameters and inner state) if anything fails.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -110,36 +112,69 @@ class GradBackup:
 class BackwardMonitor:
     """Record which parameters a backward pass accumulated a gradient into.
 
-    Uses ``Tensor.register_post_accumulate_grad_hook``; the hooks are removed on
-    exit. Use as a context manager around a closure.
+    One ``Tensor.register_post_accumulate_grad_hook`` per parameter that requires
+    grad; the hooks record only while the monitor is entered (use it as a context
+    manager around a closure). Registering and removing the hooks costs more than
+    a small model's whole bookkeeping, so the probe keeps one monitor installed
+    while consecutive steps are probed (:meth:`serves` tells whether it still
+    fits the parameters). The hooks hold the monitor weakly and are removed by
+    :meth:`close` or when it is garbage collected.
     """
 
     def __init__(self, params: Sequence[Tensor]) -> None:
-        self._params = params
+        self._params = list(params)
+        self._flags = [p.requires_grad for p in self._params]
         self.reached: set[int] = set()
-        self._handles: list[Any] = []
+        self._active = False
+        ref = weakref.ref(self)
+        handles = [
+            p.register_post_accumulate_grad_hook(functools.partial(_mark, ref, i))
+            for i, p in enumerate(self._params)
+            if p.requires_grad
+        ]
+        self._remove = weakref.finalize(self, remove_handles, handles)
+
+    def serves(self, params: Sequence[Tensor]) -> bool:
+        """Whether the hooks sit on exactly ``params`` (same ``requires_grad``)."""
+        return len(params) == len(self._params) and all(
+            p is q and p.requires_grad == flag
+            for p, q, flag in zip(params, self._params, self._flags)
+        )
 
     def __enter__(self) -> BackwardMonitor:
-        for i, p in enumerate(self._params):
-            if p.requires_grad:
-                self._handles.append(
-                    p.register_post_accumulate_grad_hook(
-                        lambda _p, i=i: self.reached.add(i)
-                    )
-                )
+        self.reached = set()
+        self._active = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._active = False
+
+    def close(self) -> None:
+        """Remove the hooks (at most once)."""
+        self._remove()
+
+
+def _mark(ref: weakref.ref[BackwardMonitor], index: int, _param: Tensor) -> None:
+    monitor = ref()
+    if monitor is not None and monitor._active:
+        monitor.reached.add(index)
+
+
+def remove_handles(handles: list[Any]) -> None:
+    """Remove hook handles (a ``weakref.finalize`` callback: holds no owner)."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 _IMMUTABLE = (int, float, bool, str, bytes, type(None))
+_IMMUTABLE_TYPES = frozenset(_IMMUTABLE)
 
 
 def _copy(value: Any) -> Any:
     """An independent copy: tensors cloned, immutable scalars shared, rest deep."""
+    if type(value) in _IMMUTABLE_TYPES:  # most optimizer settings: no isinstance
+        return value
     if isinstance(value, Tensor):
         return value.clone()
     if isinstance(value, _IMMUTABLE) or (
@@ -170,7 +205,7 @@ class StepTransaction:
         self._optimizer = optimizer
         self.params = params
         with torch.no_grad():
-            self.theta0 = [p.detach().clone() for p in params]
+            self.theta0 = [p.clone() for p in params]
         self._had_state = [p in optimizer.state for p in params]
         self._state = [
             _clone_state(optimizer.state[p]) if had else None
@@ -181,20 +216,22 @@ class StepTransaction:
             for g in optimizer.param_groups
         ]
         self.directions: list[Tensor] = []
+        self._theta1: list[Tensor] = []
         self._swapped = False
 
     def take_inner_step(self) -> None:
         """Run the inner optimizer's step and measure ``d = θ₁ - θ₀``."""
         self._optimizer.step()
         with torch.no_grad():
-            self.directions = torch._foreach_sub(
-                [p.detach() for p in self.params], self.theta0
-            )
+            # Aliases of the storage that holds θ₁ (the parameters' own).
+            self._theta1 = [p.detach() for p in self.params]
+            self.directions = torch._foreach_sub(self._theta1, self.theta0)
 
     def swap(self) -> None:
-        """Exchange the parameters' storage with the ``θ₀`` snapshot (no copy)."""
-        for p, t0 in zip(self.params, self.theta0):
-            p.data, t0.data = t0.data, p.data
+        """Point the parameters at ``θ₀`` or back at ``θ₁`` (no copy)."""
+        targets = self._theta1 if self._swapped else self.theta0
+        for p, target in zip(self.params, targets):
+            p.data = target
         self._swapped = not self._swapped
 
     def commit_inner(self) -> None:
@@ -208,7 +245,7 @@ class StepTransaction:
             self.swap()
         with torch.no_grad():
             for p, t0, d in zip(self.params, self.theta0, self.directions):
-                torch.add(t0, d, alpha=alpha, out=p.data)
+                torch.add(t0, d, alpha=alpha, out=p)
 
     def rollback(self) -> None:
         """Restore parameters and inner optimizer state as before the step."""
@@ -216,7 +253,7 @@ class StepTransaction:
             self.swap()
         with torch.no_grad():
             for p, t0 in zip(self.params, self.theta0):
-                p.data.copy_(t0)
+                p.copy_(t0)
         state = self._optimizer.state
         for p, had, saved in zip(self.params, self._had_state, self._state):
             if had:

@@ -44,7 +44,7 @@ from alphawrap.closure import (
 )
 from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
-from alphawrap.direction import StepTransaction, step_products
+from alphawrap.direction import BackwardMonitor, StepTransaction, step_products
 from alphawrap.distributed import DistributedReducer
 from alphawrap.errors import ClosureError, ProbeError
 from alphawrap.history import History, ProbeRecord
@@ -298,6 +298,7 @@ class AlphaProbe(Optimizer):
         )
         self._step_count = 0
         self._pending: Pending | None = None
+        self._monitor: BackwardMonitor | None = None
         self._record_callbacks: list[Callable[[ProbeRecord], None]] = []
         self._options = ApplyOptions.validate(
             truth_every=truth_every,
@@ -403,6 +404,7 @@ class AlphaProbe(Optimizer):
         # original. A pending capture holds this probe's gradients.
         state.pop("step", None)
         state.pop("_pending", None)
+        state.pop("_monitor", None)  # hooks on the original's parameters
         # Like torch.optim.Optimizer, a copy carries no hooks and no record
         # callbacks (they close over the original: a TensorBoard writer, a
         # lambda that does not pickle); register them on the copy.
@@ -426,6 +428,7 @@ class AlphaProbe(Optimizer):
         if self._model is not None:  # parameters are new objects after a copy
             self._param_names = {id(p): n for n, p in self._model.named_parameters()}
         self._pending = None
+        self._monitor = None
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -618,6 +621,15 @@ class AlphaProbe(Optimizer):
             ProbeError: Other invalid input (mixed maximize, sparse gradients...).
             Nothing is changed when any of them is raised.
         """
+        try:
+            return self._step(closure)
+        finally:
+            # Between probes (interval > 1) no hook stays on the parameters.
+            if self.interval > 1 and self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         self._check_groups()
         if closure is None:
             pending, self._pending = self._pending, None
@@ -760,7 +772,7 @@ class AlphaProbe(Optimizer):
                 q / scale if c.scales_with_loss else q
                 for c, q in zip(self._curvatures, quads)
             ]
-        curv = [q.sum() for q in quads]
+        curv = [q if q.dim() == 0 else q.sum() for q in quads]
         loss = (
             pending.loss.detach().to(device=device, dtype=acc).reshape(())
             if pending.loss is not None
@@ -1062,6 +1074,15 @@ class AlphaProbe(Optimizer):
     def _closure_session(self) -> ClosureSession:
         return ClosureSession(self)
 
+    def _backward_monitor(self, params: list[Tensor]) -> BackwardMonitor:
+        """The monitor of which parameters a backward reached, kept across steps."""
+        monitor = self._monitor
+        if monitor is None or not monitor.serves(params):
+            if monitor is not None:
+                monitor.close()
+            monitor = self._monitor = BackwardMonitor(params)
+        return monitor
+
     def _will_probe(self) -> bool:
         return self._step_count % self.interval == 0
 
@@ -1086,7 +1107,7 @@ class AlphaProbe(Optimizer):
             params=params,
             directions=directions,
             reached=reached,
-            names=self._names(),
+            names=_LazyNames(self._names),
             accumulate_dtype=self._accumulate_dtype(params),
             batch=batch,
             curvatures=self._curvatures,
@@ -1170,7 +1191,8 @@ class AlphaProbe(Optimizer):
     def _accumulate_dtype(params: Iterable[Tensor]) -> torch.dtype:
         dtype = torch.float32
         for p in params:
-            dtype = torch.promote_types(dtype, p.dtype)
+            if p.dtype is not dtype:
+                dtype = torch.promote_types(dtype, p.dtype)
         return dtype
 
     def _alternatives(self) -> list[str]:
@@ -1205,6 +1227,27 @@ class AlphaProbe(Optimizer):
                 "device. Move the model with model.to(device) before creating the "
                 "optimizer."
             )
+
+
+class _LazyNames(Sequence[str]):
+    """The parameters' display names, built on first use (messages, per-block)."""
+
+    __slots__ = ("_build", "_names")
+
+    def __init__(self, build: Callable[[], list[str]]) -> None:
+        self._build = build
+        self._names: list[str] | None = None
+
+    def _resolved(self) -> list[str]:
+        if self._names is None:
+            self._names = self._build()
+        return self._names
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._resolved()[index]
+
+    def __len__(self) -> int:
+        return len(self._resolved())
 
 
 _HOOK_DICTS = (

@@ -25,8 +25,6 @@ probe would cost if all the rest were free. ::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from problems import PROBLEMS
+from problems import PROBLEMS, write_results
 
 from alphawrap.curvature.rules import FAST_RULES
 from alphawrap.curvature.sweep import _Trace
@@ -176,15 +174,7 @@ def main(argv=None) -> None:
             {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
         )
         print(rows[-1], flush=True)
-    out = {
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "torch": torch.__version__,
-        "pairs": args.pairs,
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, {"pairs": args.pairs, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from backpack import extend
@@ -65,3 +69,15 @@ PROBLEMS = [
     BenchProblem("tanh-mlp-9", tanh_mlp),
     BenchProblem("cnn", small_cnn, image=True),
 ]
+
+
+def write_results(path: str | Path, fields: dict[str, Any]) -> None:
+    """Write a timing benchmark's results as JSON, with the machine and torch."""
+    result = {
+        "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "torch": torch.__version__,
+        **fields,
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from problems import PROBLEMS, BenchProblem, tanh_mlp
+from problems import PROBLEMS, BenchProblem, tanh_mlp, write_results
 
 from alphawrap import AlphaProbe
 from alphawrap.curvature import available
@@ -262,21 +261,19 @@ def main(argv=None):
                 curvature="hessian",
                 ratio=time_ratio(PROBLEMS[1], ("hessian",), pairs, args.device, batch),
             )
-    result = {
-        "machine": f"{platform.machine()} {platform.processor()}".strip(),
-        "device": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else "cpu",
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "pairs": args.pairs,
-        "rows": rows,
-        "scaling": scaling,
-        "memory": mem,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    write_results(
+        args.out,
+        {
+            "device": torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else "cpu",
+            "threads": args.threads,
+            "pairs": args.pairs,
+            "rows": rows,
+            "scaling": scaling,
+            "memory": mem,
+        },
+    )
 
 
 if __name__ == "__main__":

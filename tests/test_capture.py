@@ -26,6 +26,11 @@ def make_model() -> nn.Sequential:
     )
 
 
+def _hooks(model: nn.Module) -> list[int]:
+    """Post-accumulate-grad hooks on each parameter."""
+    return [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
+
+
 def make_batches(n: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     xs = torch.randn(n, BATCH, IN, generator=gen)
@@ -144,7 +149,7 @@ def test_stale_capture_is_refused_and_changes_nothing(set_to_none):
     before = copy.deepcopy((model.state_dict(), probe.inner.state_dict()))
     with pytest.raises(ClosureError, match="stale"):
         probe.step()
-    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    assert _hooks(model) == [1] * 4  # the watch is gone, the monitor stays
     assert len(probe.history) == 1 and probe.step_count == 1
     for k, v in before[0].items():
         assert torch.equal(model.state_dict()[k], v)
@@ -158,7 +163,7 @@ def test_stale_capture_is_refused_and_changes_nothing(set_to_none):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     probe.step()
     assert len(probe.history) == 2
-    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    assert _hooks(model) == [1] * 4
 
 
 def test_stale_capture_on_an_unprobed_step_is_a_plain_step():
@@ -198,11 +203,12 @@ def test_a_new_capture_replaces_an_unconsumed_one_without_leaking_hooks():
         probe.zero_grad()
         with probe.capture():
             LOSS_FN(model(x), y).backward()
-    hooks = [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
-    assert hooks == [1] * len(hooks)  # only the last capture's watch
+    # The probe's backward monitor (one hook per parameter, kept while every
+    # step is probed) and only the last capture's watch.
+    assert _hooks(model) == [2] * 4
     probe.step()
     assert len(probe.history) == 1
-    assert not any(p._post_accumulate_grad_hooks for p in model.parameters())
+    assert _hooks(model) == [1] * 4
 
 
 # ----------------------------------------------------------------- GradScaler

@@ -9,6 +9,7 @@ exactly ``θ₀ + α·d`` while the inner state advances exactly as in its own s
 from __future__ import annotations
 
 import copy
+import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -516,3 +517,123 @@ def test_step_products_without_any_gradient(monkeypatch, limit):
     ds = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
     products = direction.step_products(ds, [None, None], torch.float32)
     assert [t.item() for t in products] == [0.0, 14.0, 0.0]
+
+
+def _hook_count(params: list[Tensor]) -> int:
+    return sum(
+        len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in params
+    )
+
+
+def test_backward_monitor_records_only_while_entered_and_knows_its_parameters():
+    """Reached indices are those of the parameters a backward accumulated into,
+    only inside the ``with`` block; ``serves`` tells whether the hooks still sit
+    on exactly these parameters; ``close`` (or collection) removes them."""
+    import gc
+
+    from alphawrap.direction import BackwardMonitor
+
+    a, b, c = (nn.Parameter(torch.randn(3)) for _ in range(3))
+    frozen = nn.Parameter(torch.randn(3), requires_grad=False)
+    params = [a, b, frozen, c]
+    monitor = BackwardMonitor(params)
+    assert _hook_count(params) == 3  # none on the frozen one
+    (a * b).sum().backward()
+    assert monitor.reached == set()  # not entered: not recorded
+    with monitor:
+        (a * c).sum().backward()
+    assert monitor.reached == {0, 3}
+    with monitor:  # a new session starts empty
+        b.sum().backward()
+    assert monitor.reached == {1}
+    assert monitor.serves(params)
+    assert not monitor.serves([a, b, frozen])
+    assert not monitor.serves([a, b, frozen, nn.Parameter(torch.randn(3))])
+    frozen.requires_grad_(True)
+    assert not monitor.serves(params)
+    monitor.close()
+    assert _hook_count(params) == 0
+    monitor.close()  # at most once
+    again = BackwardMonitor(params)
+    assert _hook_count(params) == 4
+    del again
+    gc.collect()
+    assert _hook_count(params) == 0
+
+
+def _probe_and_closure(interval: int):
+    torch.manual_seed(0)
+    model = extend(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)))
+    loss_fn = extend(nn.MSELoss())
+    x, y = torch.randn(8, 4), torch.randn(8, 2)
+    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1), interval=interval)
+
+    def closure():
+        probe.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return probe, closure, list(model.parameters())
+
+
+def test_monitor_hooks_are_registered_once_while_every_step_is_probed(monkeypatch):
+    """Registering a hook per parameter on every step cost more than the rest of
+    a small model's bookkeeping: with ``interval=1`` the probe registers them
+    once and keeps them; a copy of the probe does not carry them; they go with
+    the probe."""
+    import gc
+
+    probe, closure, params = _probe_and_closure(interval=1)
+    calls = []
+    register = torch.Tensor.register_post_accumulate_grad_hook
+
+    def counting(self, hook):
+        calls.append(self)
+        return register(self, hook)
+
+    monkeypatch.setattr(torch.Tensor, "register_post_accumulate_grad_hook", counting)
+    for _ in range(4):
+        probe.step(closure)
+    assert len(calls) == len(params)
+    assert _hook_count(params) == len(params)
+    assert all(r.slope < 0 for r in probe.history)
+    twin = copy.deepcopy(probe)
+    assert twin._monitor is None
+    model = probe.inner.param_groups[0]["params"]  # copied and saved without them
+    assert _hook_count(copy.deepcopy(model)) == 0
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert _hook_count(torch.load(buffer, weights_only=False)) == 0
+    del probe, closure  # the closure refers to the probe
+    gc.collect()
+    assert _hook_count(params) == 0
+
+
+def test_monitor_hooks_are_gone_between_probes():
+    """With ``interval > 1`` the steps in between cost a plain step: no hook of
+    the probe stays on the parameters after any step."""
+    probe, closure, params = _probe_and_closure(interval=3)
+    for _ in range(7):
+        probe.step(closure)
+        assert _hook_count(params) == 0
+    assert [r.step for r in probe.history] == [0, 3, 6]
+
+
+def test_monitor_follows_parameters_frozen_or_unfrozen_between_steps():
+    """The kept hooks are rebuilt when a parameter's ``requires_grad`` changes: a
+    parameter frozen at the first step and unfrozen later counts in ‖g‖ (it is
+    reached) from then on."""
+    probe, closure, params = _probe_and_closure(interval=1)
+    params[0].requires_grad_(False)
+    probe.step(closure)
+    assert params[0].grad is None
+    assert _hook_count(params) == len(params) - 1
+    params[0].requires_grad_(True)
+    probe.step(closure)
+    grads = [p.grad for p in params]
+    expected = torch.sqrt(sum((g * g).sum() for g in grads))
+    assert all(g is not None for g in grads)
+    assert probe.history[-1].grad_norm == pytest.approx(expected.item(), rel=1e-6)
+    assert _hook_count(params) == len(params)

@@ -116,7 +116,9 @@ def test_output_gradients_recorded_only_where_the_sweep_reads_them(
     curvature, with_delta
 ):
     """δ hooks cost a Python call per module in backward: only the loss, modules
-    with a second derivative, and (exact Hessian) the bilinear layers get one."""
+    with a second derivative, and (exact Hessian) the bilinear layers get one,
+    and none where no tangent arrives (the first layer: its input depends on no
+    parameter)."""
     model, loss_fn, x, y = _plain_problem()
     model = nn.Sequential(*model, nn.ReLU(), nn.Linear(3, 3)).double()
     probe = AlphaProbe(
@@ -131,7 +133,8 @@ def test_output_gradients_recorded_only_where_the_sweep_reads_them(
     original = engine._sweep
 
     def spy(ctx, loss, layers):
-        for t in [*layers, loss]:
+        assert layers[0].g_out[0] is None  # the first layer
+        for t in [*layers[1:], loss]:
             recorded.setdefault(type(t.module).__name__, set()).add(
                 t.g_out[0] is not None
             )
@@ -400,7 +403,10 @@ def test_no_hooks_remain_when_entering_the_recording_fails(monkeypatch):
         _step(probe, model, loss_fn, x, y)
     assert not torch.nn.modules.module._global_forward_hooks
     assert not torch.nn.modules.module._global_forward_pre_hooks
-    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    # Only the probe's backward monitor stays (kept across probed steps), and
+    # it records nothing outside a step.
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
+    assert not probe._monitor._active
 
 
 @pytest.mark.parametrize("exact_only", [False, True], ids=["with-blocks", "exact-only"])

@@ -217,7 +217,13 @@ class HookRecorder:
             [None],  # type: ignore[arg-type]
             (before, output._version),
         )
-        if output.requires_grad and self.needs_delta(module):
+        # δ is read only where a tangent arrives: not at modules whose input no
+        # parameter influences (the first layer), except at the loss (its scale).
+        if (
+            output.requires_grad
+            and self.needs_delta(module)
+            and (first is None or first.requires_grad or _is_loss_module(module))
+        ):
             # A weak reference: the hook lives in the output's autograd node, which
             # the entry keeps alive through the output. A strong one would close a
             # cycle through C++ that Python's garbage collector cannot see, and
@@ -284,6 +290,7 @@ class TangentSweep:
         self._result: dict[str, Tensor] | None = None
         self._chain: tuple[_Trace, list[_Trace]] | None = None
         self._exact_ok: bool | None = None
+        self._bilinear = False
 
     def bind(self, model: nn.Module | None, loss_fn: Any) -> None:
         """Record with plain hooks on ``model`` if it and a loss module are known."""
@@ -334,17 +341,12 @@ class TangentSweep:
         if not any(k in EXACT_KINDS for k in self.kinds):
             return False
         try:
-            _, layers = self.chain(ctx)
+            self.chain(ctx)
         except CurvatureError:
             return False
-        if "hessian-exact" not in self.kinds:
-            return True
-        index = {id(p) for i, p in enumerate(ctx.params) if i in ctx.reached}
-        return all(
-            type(t.module) in CROSS_TERM_MODULES
-            for t in layers
-            if any(id(p) in index for p in t.module._parameters.values())
-        )
+        # The chain check found whether the modules holding reached parameters
+        # are all bilinear in input and weight (the exact Hessian's cross terms).
+        return "hessian-exact" not in self.kinds or self._bilinear
 
     def reset(self) -> None:
         """Forget the recorded pass and the cached result."""
@@ -438,11 +440,34 @@ class TangentSweep:
                 f"module ({type(layers[-1].module).__name__}); an operation between "
                 "model and loss is invisible to BackPACK."
             )
-        # The modules' own parameter dicts (what parameters(recurse=False) walks,
-        # without its generator machinery: this runs on every probed step).
-        orphans = ctx.reached_except(
-            p for t in layers for p in t.module._parameters.values() if p is not None
-        )
+        # One pass over the modules' own parameter dicts (what
+        # parameters(recurse=False) walks, without its generator machinery: this
+        # runs on every probed step): the parameters they hold, those the sweep
+        # gives a slot to (module.weight / module.bias), and whether every module
+        # holding a reached parameter is bilinear (the exact Hessian's cross terms).
+        reached = {id(ctx.params[i]): i for i in ctx.reached}
+        held: set[int] = set()
+        slots: set[int] = set()
+        bilinear = True
+        for t in layers:
+            own = t.module._parameters
+            if not own:  # no slot; a reached parameter it uses is an orphan
+                continue
+            ids = [id(p) for p in own.values() if p is not None]
+            held.update(ids)
+            for n in ("weight", "bias"):
+                value = getattr(t.module, n, None)
+                if isinstance(value, Tensor):
+                    slots.add(id(value))
+            if type(t.module) not in CROSS_TERM_MODULES and any(
+                i in reached for i in ids
+            ):
+                bilinear = False
+        orphans = [
+            ctx.names[i]
+            for p, i in sorted(reached.items(), key=_second)
+            if p not in held
+        ]
         if orphans:
             raise CurvatureError(
                 f"Curvatures {names} got no BackPACK record for parameter(s) "
@@ -455,13 +480,11 @@ class TangentSweep:
         # The sweep gives a slot to module.weight / module.bias only; a parameter
         # the module computes them from (torch.nn.utils.prune's weight_orig, a
         # weight-norm g/v pair) would silently get no curvature.
-        slots = (
-            getattr(t.module, n, None)
-            for t in layers
-            if t.module._parameters  # else an orphan, refused above
-            for n in ("weight", "bias")
-        )
-        hidden = ctx.reached_except(t for t in slots if isinstance(t, Tensor))
+        hidden = [
+            ctx.names[i]
+            for p, i in sorted(reached.items(), key=_second)
+            if p not in slots
+        ]
         if hidden:
             raise CurvatureError(
                 f"Curvatures {names}: parameter(s) {', '.join(hidden)} are not the "
@@ -470,6 +493,7 @@ class TangentSweep:
                 "them), so the tangent sweep cannot follow them. Use 'ggn-exact' or "
                 "'hessian-exact' (with model= and loss_fn=), which replay the model."
             )
+        self._bilinear = bilinear
         return loss, layers
 
     # ----------------------------------------------------------------- sweep
@@ -542,8 +566,8 @@ class TangentSweep:
         result = {
             k: torch.zeros(len(ctx.params), dtype=acc, device=device) for k in blocks
         }
-        result.update({k: torch.zeros((), dtype=acc, device=device) for k in exact})
         if tangents is None:
+            result.update({k: torch.zeros((), dtype=acc, device=device) for k in exact})
             return result
         loss_rule = rule_for(loss.module, loss.derivatives, self.fast)
         # BackPACK's loss Hessian assumes the loss is the last operation; a scaled
@@ -568,7 +592,7 @@ class TangentSweep:
             # cross terms carry the scale through δ, so divide it out.
             total = tangents.sum(0, keepdim=True) if per_block else tangents
             ggn_exact = loss_rule.loss_quadratic(loss, total, acc)[0]
-            if "ggn-exact" in result:
+            if "ggn-exact" in exact:
                 result["ggn-exact"] = ggn_exact
             if exact_hessian:
                 second = torch.stack(extra).sum() if extra else 0.0
@@ -621,6 +645,10 @@ class TangentSweep:
             parts["hessian"].append((count, per_slot(tangents * product, acc)))
         if exact_hessian:
             extra.append(_dot(total, rule.residual_mat_prod(trace, total), acc))
+
+
+def _second(pair: tuple[Any, int]) -> int:
+    return pair[1]
 
 
 def _dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
