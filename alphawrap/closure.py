@@ -221,6 +221,7 @@ class ClosureSession:
 
     def _close(self) -> None:
         self._stack.close()
+        self.probe._release_monitor()  # e.g. a capture() no step() consumes
 
     def fail(self, error: BaseException) -> BaseException:
         """Undo what the user code did and return the error to raise."""

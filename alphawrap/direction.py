@@ -118,10 +118,12 @@ class BackwardMonitor:
     a small model's whole bookkeeping, so the probe keeps one monitor installed
     while consecutive steps are probed (:meth:`serves` tells whether it still
     fits the parameters). The hooks hold the monitor weakly and are removed by
-    :meth:`close` or when it is garbage collected.
+    :meth:`close` or when it is garbage collected; with ``once=True`` also when
+    the ``with`` block ends (a session opened inside another one).
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], *, once: bool = False) -> None:
+        self._once = once
         self._params = list(params)
         self._flags = [p.requires_grad for p in self._params]
         self.reached: set[int] = set()
@@ -148,6 +150,13 @@ class BackwardMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self._active = False
+        if self._once:
+            self.close()
+
+    @property
+    def active(self) -> bool:
+        """Whether a session is recording with this monitor now."""
+        return self._active
 
     def close(self) -> None:
         """Remove the hooks (at most once)."""
@@ -245,7 +254,7 @@ class StepTransaction:
             self.swap()
         with torch.no_grad():
             for p, t0, d in zip(self.params, self.theta0, self.directions):
-                torch.add(t0, d, alpha=alpha, out=p)
+                torch.add(t0, d, alpha=alpha, out=p.data)  # as torch.optim: .data
 
     def rollback(self) -> None:
         """Restore parameters and inner optimizer state as before the step."""
@@ -253,7 +262,9 @@ class StepTransaction:
             self.swap()
         with torch.no_grad():
             for p, t0 in zip(self.params, self.theta0):
-                p.copy_(t0)
+                # Through .data: the version counter is left as it was, so a graph
+                # that saved the parameter before the failed step stays usable.
+                p.data.copy_(t0)
         state = self._optimizer.state
         for p, had, saved in zip(self.params, self._had_state, self._state):
             if had:

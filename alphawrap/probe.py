@@ -624,10 +624,7 @@ class AlphaProbe(Optimizer):
         try:
             return self._step(closure)
         finally:
-            # Between probes (interval > 1) no hook stays on the parameters.
-            if self.interval > 1 and self._monitor is not None:
-                self._monitor.close()
-                self._monitor = None
+            self._release_monitor()
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
         self._check_groups()
@@ -1077,11 +1074,21 @@ class AlphaProbe(Optimizer):
     def _backward_monitor(self, params: list[Tensor]) -> BackwardMonitor:
         """The monitor of which parameters a backward reached, kept across steps."""
         monitor = self._monitor
+        if monitor is not None and monitor.active:
+            # A session inside this probe's own closure (a capture() block in it):
+            # its own hooks, so that the outer recording goes on undisturbed.
+            return BackwardMonitor(params, once=True)
         if monitor is None or not monitor.serves(params):
             if monitor is not None:
                 monitor.close()
             monitor = self._monitor = BackwardMonitor(params)
         return monitor
+
+    def _release_monitor(self) -> None:
+        """Between probes (``interval > 1``) no hook of the probe stays behind."""
+        if self.interval > 1 and self._monitor is not None and not self._monitor.active:
+            self._monitor.close()
+            self._monitor = None
 
     def _will_probe(self) -> bool:
         return self._step_count % self.interval == 0
@@ -1107,7 +1114,7 @@ class AlphaProbe(Optimizer):
             params=params,
             directions=directions,
             reached=reached,
-            names=_LazyNames(self._names),
+            names=self._names(),
             accumulate_dtype=self._accumulate_dtype(params),
             batch=batch,
             curvatures=self._curvatures,
@@ -1227,27 +1234,6 @@ class AlphaProbe(Optimizer):
                 "device. Move the model with model.to(device) before creating the "
                 "optimizer."
             )
-
-
-class _LazyNames(Sequence[str]):
-    """The parameters' display names, built on first use (messages, per-block)."""
-
-    __slots__ = ("_build", "_names")
-
-    def __init__(self, build: Callable[[], list[str]]) -> None:
-        self._build = build
-        self._names: list[str] | None = None
-
-    def _resolved(self) -> list[str]:
-        if self._names is None:
-            self._names = self._build()
-        return self._names
-
-    def __getitem__(self, index: Any) -> Any:
-        return self._resolved()[index]
-
-    def __len__(self) -> int:
-        return len(self._resolved())
 
 
 _HOOK_DICTS = (

@@ -192,6 +192,19 @@ def test_inner_failure_on_first_step_drops_lazily_created_state(kind):
     assert all("calls" not in g for g in run.probe.param_groups)
 
 
+def test_a_step_that_failed_before_the_update_leaves_version_counters_alone():
+    """The rollback writes through ``.data`` (as torch.optim does): a step that
+    failed before the parameters were updated leaves their version counters as
+    they were, so a graph that saved them stays usable."""
+    run = make_run(warmup=1)
+    params = list(run.model.parameters())
+    versions = [p._version for p in params]
+    run.probe.inner.step = _raiser(RuntimeError("injected"))  # before any update
+    with pytest.raises(RuntimeError, match="injected"):
+        run.probe.step(run.closure())
+    assert [p._version for p in params] == versions
+
+
 @pytest.mark.parametrize("kind", list(ERRORS))
 def test_unprobed_step_failure_is_named_and_not_recorded(kind):
     """Steps between probes take no snapshot (documented): no rollback promised."""

@@ -195,6 +195,44 @@ def test_an_abandoned_capture_leaves_no_hooks_behind():
     LOSS_FN(model(x), y).backward()  # nothing left to fire
 
 
+def test_an_unconsumed_capture_between_probes_keeps_only_its_watch():
+    """With ``interval > 1`` the backward monitor's hooks go when the capture
+    block ends, even if no step() follows (GradScaler skipped it); only the
+    capture's watch stays until the step, and nothing after it."""
+    model = make_model()
+    probe = make_probe(model, interval=2)
+    x, y = make_batches(1)[0]
+    with probe.capture():
+        LOSS_FN(model(x), y).backward()
+    assert _hooks(model) == [1] * 4  # the watch, no monitor
+    probe.step()
+    assert _hooks(model) == [0] * 4 and len(probe.history) == 1
+
+
+def test_a_capture_inside_the_closure_leaves_the_closure_recorded():
+    """A session opened inside the probe's own closure (here a capture() block
+    that fails: no backward in it) gets its own backward monitor: the closure's
+    backward is still recorded and the step is probed."""
+    model = make_model()
+    probe = make_probe(model)
+    x, y = make_batches(1)[0]
+
+    def closure():
+        probe.zero_grad()
+        with pytest.raises(ClosureError, match="did not call backward"):
+            with probe.capture():
+                pass
+        loss = LOSS_FN(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        probe.step(closure)
+    assert len(probe.history) == 2
+    assert all(r.slope < 0 for r in probe.history)
+    assert _hooks(model) == [1] * 4  # the kept monitor only
+
+
 def test_a_new_capture_replaces_an_unconsumed_one_without_leaking_hooks():
     model = make_model()
     probe = make_probe(model)

@@ -545,3 +545,63 @@ def test_compiled_model_gives_the_same_numbers(given):
         assert compiled_record.curvatures[name] == pytest.approx(
             plain.curvatures[name], rel=1e-9
         )
+
+
+class _DetachedInside(nn.Module):
+    """A chain of modules with a ``.detach()`` after the first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.b = nn.Linear(4, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.t = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.t(self.c(self.a(x).detach())))
+
+
+def test_a_detached_input_between_modules_is_not_swept():
+    """With ``.detach()`` between two modules (and the first layer still reached
+    through another term of the closure's loss) no gradient flows back through the
+    stored forward: the block curvatures refuse with a clear error and change
+    nothing; the exact ones replay the model, which respects the detach, and match
+    the dense Hessian of ``loss_fn(model(x))``."""
+    torch.manual_seed(0)
+    model = _DetachedInside().double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+
+    def make(curvature):
+        return AlphaProbe(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            curvature=curvature,
+            model=model,
+            loss_fn=loss_fn,
+        )
+
+    def closure_of(probe):
+        def closure():
+            probe.zero_grad()
+            loss = loss_fn(model(x), y) + 0.1 * model.a.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        return closure
+
+    probe = make(["hessian", "hessian-exact"])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CurvatureError, match="detached"):
+        probe.step(closure_of(probe))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert len(probe.history) == 0
+    probe = make("hessian-exact")
+    with pytest.warns(UserWarning, match="not the value loss_fn returned"):
+        probe.step(closure_of(probe))
+    directions = {
+        n: p.detach() - b for (n, p), b in zip(model.named_parameters(), before)
+    }
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    _assert_exact_match_dense(
+        probe.history[-1], model, loss_fn, x, y, directions, ["hessian-exact"]
+    )

@@ -249,38 +249,52 @@ class _MaxPoolNd(BackpackRule):
 
 
 class _Elementwise(BackpackRule):
-    """Smooth element-wise activation: ``f'`` and ``f''`` from the output."""
+    """Smooth element-wise activation: ``f'`` and ``f''`` from the output.
+
+    A rule serves one module of one sweep, so ``f'`` is computed once and shared
+    by the Jacobian and the residual (``f''`` is built from it).
+    """
+
+    _df: tuple[Any, Tensor] | None = None
 
     def df(self, y: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def d2f(self, y: Tensor) -> Tensor:
+    def d2f(self, y: Tensor, df: Tensor) -> Tensor:
+        """``f''`` from the output ``y`` and ``f'(y)``."""
         raise NotImplementedError
+
+    def _first(self, trace: Any) -> Tensor:
+        cached = self._df
+        if cached is None or cached[0] is not trace:
+            cached = self._df = (trace, self.df(trace.output))
+        return cached[1]
 
     def residual_is_zero(self, trace: Any) -> bool:
         return False
 
     def residual_diagonal(self, trace: Any) -> Tensor | None:
-        return self.d2f(trace.output) * trace.g_out[0]
+        curvature = self.d2f(trace.output, self._first(trace))
+        return curvature.mul_(trace.g_out[0])
 
     def jac(self, trace: Any, tangents: Tensor) -> Tensor:
-        return tangents * self.df(trace.output)
+        return tangents * self._first(trace)
 
 
 class _Tanh(_Elementwise):
     def df(self, y: Tensor) -> Tensor:
         return 1.0 - y * y
 
-    def d2f(self, y: Tensor) -> Tensor:
-        return -2.0 * y * (1.0 - y * y)
+    def d2f(self, y: Tensor, df: Tensor) -> Tensor:
+        return (-2.0 * y).mul_(df)  # -2 y (1 - y²)
 
 
 class _Sigmoid(_Elementwise):
     def df(self, y: Tensor) -> Tensor:
         return y * (1.0 - y)
 
-    def d2f(self, y: Tensor) -> Tensor:
-        return y * (1.0 - y) * (1.0 - 2.0 * y)
+    def d2f(self, y: Tensor, df: Tensor) -> Tensor:
+        return (1.0 - 2.0 * y).mul_(df)  # y (1 - y) (1 - 2y)
 
 
 class _CrossEntropyLoss(BackpackRule):

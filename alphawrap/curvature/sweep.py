@@ -425,6 +425,17 @@ class TangentSweep:
                     "no longer describes the model. Avoid in-place operations "
                     "between modules."
                 )
+        for earlier, later in itertools.pairwise([*layers, loss]):
+            if earlier.output.requires_grad and not later.inputs[0].requires_grad:
+                raise CurvatureError(
+                    f"Curvatures {names}: the input of "
+                    f"{type(later.module).__name__} is detached from the output of "
+                    f"{type(earlier.module).__name__} (.detach() or torch.no_grad() "
+                    "in between), so no gradient flows back through it and the "
+                    "stored forward is not the model's derivative. Remove the "
+                    "detach, or use 'ggn-exact' / 'hessian-exact' (with model= and "
+                    "loss_fn=), which replay the model as it is."
+                )
         for earlier, later in itertools.pairwise(layers):
             if not _same_tensor(later.inputs[0], earlier.output):
                 raise CurvatureError(
@@ -521,6 +532,7 @@ class TangentSweep:
         exact_hessian = "hessian-exact" in exact
         parts: dict[str, list[tuple[int, Tensor]]] = {k: [] for k in residual_kinds}
         extra: list[Tensor] = []  # second-order terms of dᵀHd beyond the GGN
+        crosses: list[Tensor] = []  # δᵀ(ΔW ẋ) of the bilinear layers (counted twice)
         tangents: Tensor | None = None
         slots: list[int] = []
         for trace in layers:
@@ -557,7 +569,7 @@ class TangentSweep:
             if exact_hessian and total_in is not None and "weight" in owned:
                 # 2 δᵀ (ΔW ẋ): the layer is bilinear in its input and weight.
                 cross = rule.param_cross(trace, owned["weight"], total_in)
-                extra.append(2 * _dot(trace.g_out[0], cross, acc))
+                crosses.append(_dot(trace.g_out[0], cross, acc))
             if not per_block:  # one slot: the total tangent J d
                 tangents = rule.push(trace, tangents, owned)
             elif owned:
@@ -595,7 +607,11 @@ class TangentSweep:
             if "ggn-exact" in exact:
                 result["ggn-exact"] = ggn_exact
             if exact_hessian:
-                second = torch.stack(extra).sum() if extra else 0.0
+                second: Tensor | float = 0.0
+                if crosses:
+                    second = 2 * torch.stack(crosses).sum()
+                if extra:
+                    second = second + torch.stack(extra).sum()
                 result["hessian-exact"] = ggn_exact + second / scale
         return result
 
