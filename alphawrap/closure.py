@@ -164,8 +164,8 @@ class Capture:
         self.loss: Tensor | None = None
 
     def __enter__(self) -> Capture:
+        self._session = self._probe._closure_session()  # refused inside a session
         self._probe._discard_pending()
-        self._session = self._probe._closure_session()
         self._session.label = "the capture() block"
         self._session.__enter__()
         return self
@@ -215,7 +215,7 @@ class ClosureSession:
             if self.recorder is not None:
                 self._stack.enter_context(self.recorder)
         except BaseException:
-            self._stack.close()
+            self._close()
             raise
         return self
 

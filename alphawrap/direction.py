@@ -118,12 +118,10 @@ class BackwardMonitor:
     a small model's whole bookkeeping, so the probe keeps one monitor installed
     while consecutive steps are probed (:meth:`serves` tells whether it still
     fits the parameters). The hooks hold the monitor weakly and are removed by
-    :meth:`close` or when it is garbage collected; with ``once=True`` also when
-    the ``with`` block ends (a session opened inside another one).
+    :meth:`close` or when it is garbage collected.
     """
 
-    def __init__(self, params: Sequence[Tensor], *, once: bool = False) -> None:
-        self._once = once
+    def __init__(self, params: Sequence[Tensor]) -> None:
         self._params = list(params)
         self._flags = [p.requires_grad for p in self._params]
         self.reached: set[int] = set()
@@ -150,8 +148,6 @@ class BackwardMonitor:
 
     def __exit__(self, *exc: object) -> None:
         self._active = False
-        if self._once:
-            self.close()
 
     @property
     def active(self) -> bool:

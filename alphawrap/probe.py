@@ -1069,15 +1069,19 @@ class AlphaProbe(Optimizer):
 
     # ----------------------------------------------------------------- helpers
     def _closure_session(self) -> ClosureSession:
+        if self._monitor is not None and self._monitor.active:
+            # The recordings (hooks, BackPACK's quantities, the batch) belong to
+            # the session already running; a second one would overwrite them.
+            raise ClosureError(
+                "step() or capture() was called inside this probe's own closure or "
+                "capture() block. Run one backward pass per step: the closure (or "
+                "the capture block) must not step or capture with the same probe."
+            )
         return ClosureSession(self)
 
     def _backward_monitor(self, params: list[Tensor]) -> BackwardMonitor:
         """The monitor of which parameters a backward reached, kept across steps."""
         monitor = self._monitor
-        if monitor is not None and monitor.active:
-            # A session inside this probe's own closure (a capture() block in it):
-            # its own hooks, so that the outer recording goes on undisturbed.
-            return BackwardMonitor(params, once=True)
         if monitor is None or not monitor.serves(params):
             if monitor is not None:
                 monitor.close()

@@ -209,28 +209,39 @@ def test_an_unconsumed_capture_between_probes_keeps_only_its_watch():
     assert _hooks(model) == [0] * 4 and len(probe.history) == 1
 
 
-def test_a_capture_inside_the_closure_leaves_the_closure_recorded():
-    """A session opened inside the probe's own closure (here a capture() block
-    that fails: no backward in it) gets its own backward monitor: the closure's
-    backward is still recorded and the step is probed."""
+@pytest.mark.parametrize("inner", ["capture", "step"])
+def test_a_session_inside_the_probes_own_closure_is_refused(inner):
+    """capture() or step() with the same probe inside its closure would overwrite
+    the running step's recordings (silently wrong curvatures): refused with a
+    clear error, and the step changes nothing; the next plain use works."""
     model = make_model()
     probe = make_probe(model)
     x, y = make_batches(1)[0]
+    capture_step(probe, model, (x, y))
 
     def closure():
         probe.zero_grad()
-        with pytest.raises(ClosureError, match="did not call backward"):
-            with probe.capture():
-                pass
         loss = LOSS_FN(model(x), y)
         loss.backward()
+        if inner == "capture":
+            with probe.capture():
+                LOSS_FN(model(x), y).backward()
+        else:
+            probe.step(lambda: loss)
         return loss
 
-    for _ in range(2):
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [p.grad.clone() for p in model.parameters()]
+    state = str(probe.inner.state_dict())
+    with pytest.raises(ClosureError, match="inside this probe's own closure"):
         probe.step(closure)
-    assert len(probe.history) == 2
-    assert all(r.slope < 0 for r in probe.history)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    assert str(probe.inner.state_dict()) == state
+    assert len(probe.history) == 1 and probe.step_count == 1
     assert _hooks(model) == [1] * 4  # the kept monitor only
+    capture_step(probe, model, (x, y))
+    assert len(probe.history) == 2
 
 
 def test_a_new_capture_replaces_an_unconsumed_one_without_leaking_hooks():

@@ -158,15 +158,15 @@ def test_output_gradients_recorded_only_where_the_sweep_reads_them(
     assert probe.history[-1].curvatures[curvature] == pytest.approx(reference, rel=1e-9)
 
 
+def _no_replay(*args, **kwargs):
+    raise AssertionError("replayed the model")
+
+
 def test_exact_curvatures_reuse_the_stored_forward(monkeypatch):
     """On a chain of supported modules the exact curvatures come from the sweep:
     the model-replay path is never entered."""
     model, loss_fn, x, y = _plain_problem()
-
-    def fail(*args, **kwargs):
-        raise AssertionError("replayed the model")
-
-    monkeypatch.setattr(exact, "_pass", fail)
+    monkeypatch.setattr(exact, "_pass", _no_replay)
     probe = AlphaProbe(
         torch.optim.Adam(model.parameters()),
         curvature=("ggn-exact", "hessian-exact"),
@@ -384,7 +384,14 @@ def test_unbatched_convolution_input_is_refused():
         assert torch.equal(p, before[n])
 
 
-def test_no_hooks_remain_when_entering_the_recording_fails(monkeypatch):
+@pytest.mark.parametrize("interval", [1, 2])
+@pytest.mark.parametrize("route", ["closure", "capture"])
+def test_no_hooks_remain_when_entering_the_recording_fails(
+    monkeypatch, route, interval
+):
+    """A failure while the recording is entered undoes what was entered. Only the
+    backward monitor's hooks stay, and only while every step is probed (they
+    record nothing outside a step); between probes none stays."""
     from alphawrap import batch
 
     model, loss_fn, x, y = _plain_problem()
@@ -393,6 +400,7 @@ def test_no_hooks_remain_when_entering_the_recording_fails(monkeypatch):
         curvature=["hessian", "ggn-exact"],
         model=model,
         loss_fn=loss_fn,
+        interval=interval,
     )
 
     def broken(self):
@@ -400,13 +408,17 @@ def test_no_hooks_remain_when_entering_the_recording_fails(monkeypatch):
 
     monkeypatch.setattr(batch.BatchRecorder, "__enter__", broken)
     with pytest.raises(RuntimeError, match="cannot record"):
-        _step(probe, model, loss_fn, x, y)
+        if route == "closure":
+            _step(probe, model, loss_fn, x, y)
+        else:
+            with probe.capture():
+                pass
     assert not torch.nn.modules.module._global_forward_hooks
     assert not torch.nn.modules.module._global_forward_pre_hooks
-    # Only the probe's backward monitor stays (kept across probed steps), and
-    # it records nothing outside a step.
-    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in model.parameters())
-    assert not probe._monitor._active
+    kept = 1 if interval == 1 else 0
+    hooks = [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
+    assert hooks == [kept] * len(hooks)
+    assert probe._monitor is None or not probe._monitor.active
 
 
 @pytest.mark.parametrize("exact_only", [False, True], ids=["with-blocks", "exact-only"])
@@ -604,4 +616,44 @@ def test_a_detached_input_between_modules_is_not_swept():
             p.copy_(b)
     _assert_exact_match_dense(
         probe.history[-1], model, loss_fn, x, y, directions, ["hessian-exact"]
+    )
+
+
+class _FrozenBackbone(nn.Module):
+    """Linear probing: a backbone cut off from the head with ``.detach()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+        self.head = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).detach())
+
+
+def test_a_backbone_detached_from_its_head_is_swept(monkeypatch):
+    """A ``.detach()`` before which no parameter is reached (a frozen backbone
+    whose parameters still require grad) is harmless: no tangent crosses it. The
+    block Hessian is swept and equals the dense block quadratics of the head."""
+    torch.manual_seed(0)
+    model = _FrozenBackbone().double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        curvature=["hessian", "hessian-exact"],
+        model=model,
+        loss_fn=loss_fn,
+    )
+    monkeypatch.setattr(exact, "_pass", _no_replay)  # the sweep serves both
+    directions, _ = _step(probe, model, loss_fn, x, y)
+    record = probe.history[-1]
+    blocks = sum(
+        full_hessian_quadratic(model, loss_fn, x, y, {n: d})
+        for n, d in directions.items()
+        if n.startswith("head.")
+    )
+    assert record.curvatures["hessian"] == pytest.approx(blocks.item(), rel=1e-9)
+    _assert_exact_match_dense(
+        record, model, loss_fn, x, y, directions, ["hessian-exact"]
     )

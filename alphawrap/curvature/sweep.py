@@ -425,16 +425,30 @@ class TangentSweep:
                     "no longer describes the model. Avoid in-place operations "
                     "between modules."
                 )
+        reached = {id(ctx.params[i]): i for i in ctx.reached}
+        # A .detach() between modules is harmless while no reached parameter lies
+        # before it (a frozen backbone cut off from its head): no tangent crosses
+        # it. After one, the sweep would carry a tangent the model does not have.
+        upstream = False  # whether a reached parameter feeds the modules so far
         for earlier, later in itertools.pairwise([*layers, loss]):
-            if earlier.output.requires_grad and not later.inputs[0].requires_grad:
+            own = earlier.module._parameters
+            upstream = upstream or any(
+                id(p) in reached for p in own.values() if p is not None
+            )
+            if (
+                upstream
+                and earlier.output.requires_grad
+                and not later.inputs[0].requires_grad
+            ):
                 raise CurvatureError(
                     f"Curvatures {names}: the input of "
                     f"{type(later.module).__name__} is detached from the output of "
                     f"{type(earlier.module).__name__} (.detach() or torch.no_grad() "
-                    "in between), so no gradient flows back through it and the "
-                    "stored forward is not the model's derivative. Remove the "
-                    "detach, or use 'ggn-exact' / 'hessian-exact' (with model= and "
-                    "loss_fn=), which replay the model as it is."
+                    "in between) although parameters before it are optimized and "
+                    "reached (e.g. through another term of the loss): the stored "
+                    "forward is not the model's derivative. Remove the detach, or "
+                    "use 'ggn-exact' / 'hessian-exact' (with model= and loss_fn=), "
+                    "which replay the model as it is."
                 )
         for earlier, later in itertools.pairwise(layers):
             if not _same_tensor(later.inputs[0], earlier.output):
@@ -456,7 +470,6 @@ class TangentSweep:
         # runs on every probed step): the parameters they hold, those the sweep
         # gives a slot to (module.weight / module.bias), and whether every module
         # holding a reached parameter is bilinear (the exact Hessian's cross terms).
-        reached = {id(ctx.params[i]): i for i in ctx.reached}
         held: set[int] = set()
         slots: set[int] = set()
         bilinear = True
