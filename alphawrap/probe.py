@@ -627,7 +627,8 @@ class AlphaProbe(Optimizer):
             self._release_monitor()
 
     def _step(self, closure: Callable[[], Any] | None) -> Any:
-        self._check_groups()
+        if self._will_probe():  # between probes the inner optimizer decides
+            self._check_groups()
         if closure is None:
             pending, self._pending = self._pending, None
             if pending is None:
@@ -656,9 +657,10 @@ class AlphaProbe(Optimizer):
                 try:
                     with torch.enable_grad():
                         result = closure()
-                    stage = self._inner_stage()
+                    stage = ""  # the inner step (the message is built on failure)
                     self._unprobed_step()
                 except BaseException as error:
+                    stage = stage or self._inner_stage()
                     note(error, f"{stage} on an unprobed step", undone=False)
                     raise
                 self._step_count += 1

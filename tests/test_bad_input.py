@@ -498,7 +498,11 @@ def test_mixed_dtypes_are_supported_with_promotion():
     assert "dtype" in AlphaProbe.__doc__
 
 
-def test_mixed_maximize_groups_are_refused():
+@pytest.mark.parametrize("interval", [1, 2])
+def test_mixed_maximize_groups_are_refused(interval):
+    """Probed steps refuse groups that disagree on ``maximize``; steps between
+    probes are the inner optimizer's own and are not checked (they cost what it
+    costs)."""
     torch.manual_seed(0)
     model = extend(_net())
     opt = torch.optim.SGD(
@@ -508,7 +512,9 @@ def test_mixed_maximize_groups_are_refused():
         ],
         lr=0.1,
     )
-    probe = AlphaProbe(opt)
+    probe = AlphaProbe(opt, interval=interval)
+    if interval > 1:
+        probe._step_count = 1  # a step between probes comes first
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
     loss_fn = extend(nn.CrossEntropyLoss())
 
@@ -518,6 +524,11 @@ def test_mixed_maximize_groups_are_refused():
         loss.backward()
         return loss
 
+    if interval > 1:
+        theta0 = [p.detach().clone() for p in model.parameters()]
+        probe.step(closure)  # between probes: the inner SGD step
+        assert not any(torch.equal(p, t) for p, t in zip(model.parameters(), theta0))
+        assert probe.step_count == 2 and len(probe.history) == 0
     snapshot = Snapshot(probe)
     with pytest.raises(ProbeError, match="maximize"):
         probe.step(closure)
