@@ -616,7 +616,8 @@ class AlphaProbe(Optimizer):
 
         Raises:
             ClosureError: The closure returned no scalar loss or did not call
-                backward; ``step()`` was called with neither closure nor capture.
+                backward; ``step()`` was called with neither closure nor capture,
+                or inside this probe's own closure or capture block.
             CurvatureError: A curvature cannot serve this model or loss.
             ProbeError: Other invalid input (mixed maximize, sparse gradients...).
             Nothing is changed when any of them is raised.
