@@ -10,7 +10,6 @@ failure restores the gradients and translates BackPACK's errors. The result is a
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +17,7 @@ from backpack import backpack
 from torch import Tensor
 
 from alphawrap.curvature.blockdiag import translate_backpack_error
-from alphawrap.direction import GradBackup, remove_handles
+from alphawrap.direction import BackwardMonitor, GradBackup
 from alphawrap.errors import ClosureError, ProbeError
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ class Pending:
     backup: GradBackup
     loss_scale: Any = None
     batch: Any = None  # alphawrap.batch.RecordedBatch, for the exact curvatures
-    watch: BackwardWatch | None = None
+    watch: BackwardMonitor | None = None
     """For a capture(): notices a backward pass between the block and step()."""
 
     def release(self) -> None:
@@ -63,40 +62,13 @@ class Pending:
         belong to them. In-place edits that are not a backward (``GradScaler``'s
         unscaling, gradient clipping) are fine.
         """
-        if self.watch is not None and self.watch.ran:
+        if self.watch is not None and self.watch.reached:
             raise ClosureError(
                 "Another backward pass ran after the capture() block ended, so the "
                 "captured step is stale and was discarded (its activations and loss "
                 "do not belong to the gradients any more). Run the backward pass "
                 "inside a new capture() block right before step(). " + CLOSURE_FREE_HELP
             )
-
-
-class BackwardWatch:
-    """Notices any gradient accumulated into ``params`` until :meth:`close`.
-
-    The hooks hold the watch weakly and are removed when it is closed or
-    garbage collected (a capture never consumed by a step, its probe dropped).
-    """
-
-    def __init__(self, params: list[Tensor]) -> None:
-        self.ran = False
-        ref = weakref.ref(self)
-
-        def mark(_param: Tensor) -> None:
-            watch = ref()
-            if watch is not None:
-                watch.ran = True
-
-        handles = [
-            p.register_post_accumulate_grad_hook(mark)
-            for p in params
-            if p.requires_grad
-        ]
-        self._close = weakref.finalize(self, remove_handles, handles)
-
-    def close(self) -> None:
-        self._close()  # at most once
 
 
 def check_loss(loss: Any, require: bool, backward_ran: bool = False) -> Tensor | None:
@@ -173,7 +145,9 @@ class Capture:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         pending = self._session.finish(exc, self.loss, require_loss=False)
         pending.loss_scale = self._loss_scale
-        pending.watch = BackwardWatch(self._session.params)
+        # Its own monitor, recording from now on: any backward until step()
+        # makes the capture stale (see Pending.check_fresh).
+        pending.watch = BackwardMonitor(self._session.params).__enter__()
         self._probe._pending = pending
         return False
 

@@ -132,7 +132,7 @@ class BackwardMonitor:
             for i, p in enumerate(self._params)
             if p.requires_grad
         ]
-        self._remove = weakref.finalize(self, remove_handles, handles)
+        self._remove = weakref.finalize(self, _remove_handles, handles)
 
     def serves(self, params: Sequence[Tensor]) -> bool:
         """Whether the hooks sit on exactly ``params`` (same ``requires_grad``)."""
@@ -165,7 +165,7 @@ def _mark(ref: weakref.ref[BackwardMonitor], index: int, _param: Tensor) -> None
         monitor.reached.add(index)
 
 
-def remove_handles(handles: list[Any]) -> None:
+def _remove_handles(handles: list[Any]) -> None:
     """Remove hook handles (a ``weakref.finalize`` callback: holds no owner)."""
     for handle in handles:
         handle.remove()
@@ -250,7 +250,8 @@ class StepTransaction:
             self.swap()
         with torch.no_grad():
             for p, t0, d in zip(self.params, self.theta0, self.directions):
-                torch.add(t0, d, alpha=alpha, out=p.data)  # as torch.optim: .data
+                # Through .data, like the rollback: no version bump of its own.
+                torch.add(t0, d, alpha=alpha, out=p.data)
 
     def rollback(self) -> None:
         """Restore parameters and inner optimizer state as before the step."""

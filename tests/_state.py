@@ -16,6 +16,11 @@ import torch
 from torch import Tensor
 
 
+def hook_counts(params: Any) -> list[int]:
+    """Post-accumulate-grad hooks on each of ``params`` (the backward monitors)."""
+    return [len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in params]
+
+
 def same_bits(a: Any, b: Any) -> bool:
     """Whether two values are identical, tensors compared bit for bit, recursively."""
     if isinstance(a, Tensor) or isinstance(b, Tensor):

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from alphawrap import AlphaProbe, ClosureError
 from alphawrap.curvature import REGISTRY, available
+from tests._state import hook_counts
 
 IN, HIDDEN, OUT, BATCH = 4, 5, 3, 8
 LOSS_FN = extend(nn.CrossEntropyLoss())
@@ -24,11 +25,6 @@ def make_model() -> nn.Sequential:
     return extend(
         nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
     )
-
-
-def _hooks(model: nn.Module) -> list[int]:
-    """Post-accumulate-grad hooks on each parameter."""
-    return [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
 
 
 def make_batches(n: int, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
@@ -149,7 +145,8 @@ def test_stale_capture_is_refused_and_changes_nothing(set_to_none):
     before = copy.deepcopy((model.state_dict(), probe.inner.state_dict()))
     with pytest.raises(ClosureError, match="stale"):
         probe.step()
-    assert _hooks(model) == [1] * 4  # the watch is gone, the monitor stays
+    # The watch is gone, the monitor stays.
+    assert hook_counts(model.parameters()) == [1] * 4
     assert len(probe.history) == 1 and probe.step_count == 1
     for k, v in before[0].items():
         assert torch.equal(model.state_dict()[k], v)
@@ -163,7 +160,7 @@ def test_stale_capture_is_refused_and_changes_nothing(set_to_none):
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     probe.step()
     assert len(probe.history) == 2
-    assert _hooks(model) == [1] * 4
+    assert hook_counts(model.parameters()) == [1] * 4
 
 
 def test_stale_capture_on_an_unprobed_step_is_a_plain_step():
@@ -204,9 +201,9 @@ def test_an_unconsumed_capture_between_probes_keeps_only_its_watch():
     x, y = make_batches(1)[0]
     with probe.capture():
         LOSS_FN(model(x), y).backward()
-    assert _hooks(model) == [1] * 4  # the watch, no monitor
+    assert hook_counts(model.parameters()) == [1] * 4  # the watch, no monitor
     probe.step()
-    assert _hooks(model) == [0] * 4 and len(probe.history) == 1
+    assert hook_counts(model.parameters()) == [0] * 4 and len(probe.history) == 1
 
 
 @pytest.mark.parametrize("inner", ["capture", "step"])
@@ -239,7 +236,7 @@ def test_a_session_inside_the_probes_own_closure_is_refused(inner):
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
     assert str(probe.inner.state_dict()) == state
     assert len(probe.history) == 1 and probe.step_count == 1
-    assert _hooks(model) == [1] * 4  # the kept monitor only
+    assert hook_counts(model.parameters()) == [1] * 4  # the kept monitor only
     capture_step(probe, model, (x, y))
     assert len(probe.history) == 2
 
@@ -254,10 +251,10 @@ def test_a_new_capture_replaces_an_unconsumed_one_without_leaking_hooks():
             LOSS_FN(model(x), y).backward()
     # The probe's backward monitor (one hook per parameter, kept while every
     # step is probed) and only the last capture's watch.
-    assert _hooks(model) == [2] * 4
+    assert hook_counts(model.parameters()) == [2] * 4
     probe.step()
     assert len(probe.history) == 1
-    assert _hooks(model) == [1] * 4
+    assert hook_counts(model.parameters()) == [1] * 4
 
 
 # ----------------------------------------------------------------- GradScaler

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from alphawrap import AlphaProbe
+from tests._state import hook_counts
 
 IN, HIDDEN, OUT, BATCH = 4, 6, 3, 8
 STEPS = 100
@@ -519,12 +520,6 @@ def test_step_products_without_any_gradient(monkeypatch, limit):
     assert [t.item() for t in products] == [0.0, 14.0, 0.0]
 
 
-def _hook_count(params: list[Tensor]) -> int:
-    return sum(
-        len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in params
-    )
-
-
 def test_backward_monitor_records_only_while_entered_and_knows_its_parameters():
     """Reached indices are those of the parameters a backward accumulated into,
     only inside the ``with`` block; ``serves`` tells whether the hooks still sit
@@ -537,7 +532,7 @@ def test_backward_monitor_records_only_while_entered_and_knows_its_parameters():
     frozen = nn.Parameter(torch.randn(3), requires_grad=False)
     params = [a, b, frozen, c]
     monitor = BackwardMonitor(params)
-    assert _hook_count(params) == 3  # none on the frozen one
+    assert sum(hook_counts(params)) == 3  # none on the frozen one
     (a * b).sum().backward()
     assert monitor.reached == set()  # not entered: not recorded
     with monitor:
@@ -552,13 +547,13 @@ def test_backward_monitor_records_only_while_entered_and_knows_its_parameters():
     frozen.requires_grad_(True)
     assert not monitor.serves(params)
     monitor.close()
-    assert _hook_count(params) == 0
+    assert sum(hook_counts(params)) == 0
     monitor.close()  # at most once
     again = BackwardMonitor(params)
-    assert _hook_count(params) == 4
+    assert sum(hook_counts(params)) == 4
     del again
     gc.collect()
-    assert _hook_count(params) == 0
+    assert sum(hook_counts(params)) == 0
 
 
 def _probe_and_closure(interval: int):
@@ -596,19 +591,19 @@ def test_monitor_hooks_are_registered_once_while_every_step_is_probed(monkeypatc
     for _ in range(4):
         probe.step(closure)
     assert len(calls) == len(params)
-    assert _hook_count(params) == len(params)
+    assert sum(hook_counts(params)) == len(params)
     assert all(r.slope < 0 for r in probe.history)
     twin = copy.deepcopy(probe)
     assert twin._monitor is None
     model = probe.inner.param_groups[0]["params"]  # copied and saved without them
-    assert _hook_count(copy.deepcopy(model)) == 0
+    assert sum(hook_counts(copy.deepcopy(model))) == 0
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    assert _hook_count(torch.load(buffer, weights_only=False)) == 0
+    assert sum(hook_counts(torch.load(buffer, weights_only=False))) == 0
     del probe, closure  # the closure refers to the probe
     gc.collect()
-    assert _hook_count(params) == 0
+    assert sum(hook_counts(params)) == 0
 
 
 def test_monitor_hooks_are_gone_between_probes():
@@ -617,7 +612,7 @@ def test_monitor_hooks_are_gone_between_probes():
     probe, closure, params = _probe_and_closure(interval=3)
     for _ in range(7):
         probe.step(closure)
-        assert _hook_count(params) == 0
+        assert sum(hook_counts(params)) == 0
     assert [r.step for r in probe.history] == [0, 3, 6]
 
 
@@ -629,11 +624,11 @@ def test_monitor_follows_parameters_frozen_or_unfrozen_between_steps():
     params[0].requires_grad_(False)
     probe.step(closure)
     assert params[0].grad is None
-    assert _hook_count(params) == len(params) - 1
+    assert sum(hook_counts(params)) == len(params) - 1
     params[0].requires_grad_(True)
     probe.step(closure)
     grads = [p.grad for p in params]
     expected = torch.sqrt(sum((g * g).sum() for g in grads))
     assert all(g is not None for g in grads)
     assert probe.history[-1].grad_norm == pytest.approx(expected.item(), rel=1e-6)
-    assert _hook_count(params) == len(params)
+    assert sum(hook_counts(params)) == len(params)

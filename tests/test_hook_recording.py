@@ -11,6 +11,7 @@ from alphawrap.reference import (
     full_hessian_quadratic,
     recursive_block_quadratics,
 )
+from tests._state import hook_counts
 
 RESIDUAL = {"hessian": "keep", "ggn": "drop", "pch-clip": "clip", "pch-abs": "abs"}
 _CLASS_WEIGHTS = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
@@ -416,7 +417,7 @@ def test_no_hooks_remain_when_entering_the_recording_fails(
     assert not torch.nn.modules.module._global_forward_hooks
     assert not torch.nn.modules.module._global_forward_pre_hooks
     kept = 1 if interval == 1 else 0
-    hooks = [len(p._post_accumulate_grad_hooks or {}) for p in model.parameters()]
+    hooks = hook_counts(model.parameters())
     assert hooks == [kept] * len(hooks)
     assert probe._monitor is None or not probe._monitor.active
 

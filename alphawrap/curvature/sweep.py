@@ -412,7 +412,26 @@ class TangentSweep:
                 "each module once. Use an exact curvature."
             )
         loss, layers = trace[0], trace[:0:-1]  # layers in forward order
-        for earlier, later in itertools.pairwise([*layers, loss]):
+        # One pass over the modules' own parameter dicts (what
+        # parameters(recurse=False) walks, without its generator machinery: this
+        # runs on every probed step): the parameters they hold, those the sweep
+        # gives a slot to (module.weight / module.bias), and which modules hold a
+        # reached parameter.
+        reached = {id(ctx.params[i]) for i in ctx.reached}
+        held: list[Tensor] = []
+        slots: list[Tensor] = []
+        holds_reached: list[bool] = []
+        for t in layers:
+            own = [p for p in t.module._parameters.values() if p is not None]
+            held += own
+            if own:  # else no slot; a reached parameter it uses is an orphan
+                for n in ("weight", "bias"):
+                    value = getattr(t.module, n, None)
+                    if isinstance(value, Tensor):
+                        slots.append(value)
+            holds_reached.append(any(id(p) in reached for p in own))
+        upstream = False  # whether a reached parameter feeds the modules so far
+        for k, (earlier, later) in enumerate(itertools.pairwise([*layers, loss])):
             if (
                 earlier.versions
                 and later.versions
@@ -425,16 +444,11 @@ class TangentSweep:
                     "no longer describes the model. Avoid in-place operations "
                     "between modules."
                 )
-        reached = {id(ctx.params[i]): i for i in ctx.reached}
-        # A .detach() between modules is harmless while no reached parameter lies
-        # before it (a frozen backbone cut off from its head): no tangent crosses
-        # it. After one, the sweep would carry a tangent the model does not have.
-        upstream = False  # whether a reached parameter feeds the modules so far
-        for earlier, later in itertools.pairwise([*layers, loss]):
-            own = earlier.module._parameters
-            upstream = upstream or any(
-                id(p) in reached for p in own.values() if p is not None
-            )
+            # A .detach() between modules is harmless while no reached parameter
+            # lies before it (a frozen backbone cut off from its head): no tangent
+            # crosses it. After one, the sweep would carry a tangent the model
+            # does not have.
+            upstream = upstream or holds_reached[k]
             if (
                 upstream
                 and earlier.output.requires_grad
@@ -465,33 +479,7 @@ class TangentSweep:
                 f"module ({type(layers[-1].module).__name__}); an operation between "
                 "model and loss is invisible to BackPACK."
             )
-        # One pass over the modules' own parameter dicts (what
-        # parameters(recurse=False) walks, without its generator machinery: this
-        # runs on every probed step): the parameters they hold, those the sweep
-        # gives a slot to (module.weight / module.bias), and whether every module
-        # holding a reached parameter is bilinear (the exact Hessian's cross terms).
-        held: set[int] = set()
-        slots: set[int] = set()
-        bilinear = True
-        for t in layers:
-            own = t.module._parameters
-            if not own:  # no slot; a reached parameter it uses is an orphan
-                continue
-            ids = [id(p) for p in own.values() if p is not None]
-            held.update(ids)
-            for n in ("weight", "bias"):
-                value = getattr(t.module, n, None)
-                if isinstance(value, Tensor):
-                    slots.add(id(value))
-            if type(t.module) not in CROSS_TERM_MODULES and any(
-                i in reached for i in ids
-            ):
-                bilinear = False
-        orphans = [
-            ctx.names[i]
-            for p, i in sorted(reached.items(), key=_second)
-            if p not in held
-        ]
+        orphans = ctx.reached_except(held)
         if orphans:
             raise CurvatureError(
                 f"Curvatures {names} got no BackPACK record for parameter(s) "
@@ -504,11 +492,7 @@ class TangentSweep:
         # The sweep gives a slot to module.weight / module.bias only; a parameter
         # the module computes them from (torch.nn.utils.prune's weight_orig, a
         # weight-norm g/v pair) would silently get no curvature.
-        hidden = [
-            ctx.names[i]
-            for p, i in sorted(reached.items(), key=_second)
-            if p not in slots
-        ]
+        hidden = ctx.reached_except(slots)
         if hidden:
             raise CurvatureError(
                 f"Curvatures {names}: parameter(s) {', '.join(hidden)} are not the "
@@ -517,7 +501,13 @@ class TangentSweep:
                 "them), so the tangent sweep cannot follow them. Use 'ggn-exact' or "
                 "'hessian-exact' (with model= and loss_fn=), which replay the model."
             )
-        self._bilinear = bilinear
+        # Whether every module holding a reached parameter is bilinear in input
+        # and weight (the exact Hessian's cross terms).
+        self._bilinear = all(
+            type(t.module) in CROSS_TERM_MODULES
+            for t, holds in zip(layers, holds_reached)
+            if holds
+        )
         return loss, layers
 
     # ----------------------------------------------------------------- sweep
@@ -674,10 +664,6 @@ class TangentSweep:
             parts["hessian"].append((count, per_slot(tangents * product, acc)))
         if exact_hessian:
             extra.append(_dot(total, rule.residual_mat_prod(trace, total), acc))
-
-
-def _second(pair: tuple[Any, int]) -> int:
-    return pair[1]
 
 
 def _dot(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
