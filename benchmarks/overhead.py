@@ -14,14 +14,24 @@ the plain step's is taken per round; the medians are reported, in plain steps:
   removed by not creating the recorder;
 * ``snapshot``: copying θ₀ and the optimizer state before the inner step and
   forming ``d``, removed by a transaction that copies nothing;
-* ``rest``: what is left with all of the above removed: the closure session
-  (gradient backup, the backward monitor, the context stack), validation, the
-  step products, the decision and the record, the optimizer wrapper.
+* ``checks``: the probe's validation (the parameter groups, the chain check of
+  the recorded modules, the exact curvatures' check of the batch), removed by
+  skipping it;
+* ``backup``: the gradient backup that restores the gradients when a step
+  fails, removed by keeping references instead of copies;
+* ``rest``: what is left with arithmetic, recording, batch and snapshot
+  removed: the closure session (the backup, the backward monitor, the context
+  stack), the checks, the step products, the decision and the record, the
+  optimizer wrapper.
 
 ``part = full − (full without the part)``; ``rest = (all removed) − 1``. The
-parts add up to about the full cost (they overlap a little: removing the
-arithmetic also removes the chain validation it triggers). The probes with
-parts removed record wrong numbers; they exist only to be timed. ::
+parts add up to about the full cost (they overlap: removing the arithmetic also
+removes the chain check it triggers, and ``checks`` and ``backup`` are inside
+``rest``). ``unguarded`` is a probe without batch, checks and backup: what a
+probe step would cost that neither validates its input nor keeps a step
+all-or-nothing (the cost of those guarantees is ``full − unguarded``). The
+probes with parts removed record wrong numbers or corrupt state on a failure;
+they exist only to be timed. ::
 
     python benchmarks/overhead.py --pairs 101
 """
@@ -43,6 +53,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from problems import PROBLEMS, BenchProblem, write_results
 
+import alphawrap.closure as closure_module
 import alphawrap.probe as probe_module
 from alphawrap import AlphaProbe
 
@@ -55,11 +66,16 @@ VARIANTS = {  # the parts each variant removes
     "no recording": ("arithmetic", "recording"),
     "no batch": ("batch",),
     "no snapshot": ("snapshot",),
+    "no checks": ("checks",),
+    "no backup": ("backup",),
     "all removed": ("arithmetic", "recording", "batch", "snapshot"),
+    "unguarded": ("batch", "checks", "backup"),
 }
 
 _REAL_TRANSACTION = probe_module.StepTransaction
 _BARE: set[int] = set()  # inner optimizers whose probe takes no snapshot
+_REAL_BACKUP = closure_module.GradBackup
+_UNSAVED: set[int] = set()  # first parameters of probes that back nothing up
 
 
 class _BareTransaction:
@@ -80,6 +96,30 @@ class _BareTransaction:
 
     def commit_scaled(self, alpha: float) -> None:
         pass
+
+
+class _ReferenceBackup:
+    """Keeps the gradient tensors, not copies (wrong if the closure accumulates)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self._params, self._grads = params, [p.grad for p in params]
+
+    def restore(self) -> None:
+        for p, g in zip(self._params, self._grads):
+            p.grad = g
+
+
+def _backup(params: list[torch.Tensor]) -> Any:
+    if params and id(params[0]) in _UNSAVED:
+        return _ReferenceBackup(params)
+    return _REAL_BACKUP(params)
+
+
+def _unchecked_chain(engine: Any) -> tuple[Any, list[Any]]:
+    """The recorded loss and modules as they come (the benchmark models are chains)."""
+    trace = engine.source.trace
+    engine._bilinear = True
+    return trace[0], trace[:0:-1]
 
 
 def _transaction(optimizer: Any, params: list[torch.Tensor]) -> Any:
@@ -104,6 +144,16 @@ def _remove(probe: AlphaProbe, parts: tuple[str, ...]) -> None:
         probe._batch_recorder = lambda: None  # type: ignore[method-assign]
     if "snapshot" in parts:
         _BARE.add(id(probe.inner))
+    if "checks" in parts:
+        probe._check_groups = lambda: None  # type: ignore[method-assign]
+        for c in probe._curvatures:
+            if c.needs_batch:  # the exact curvatures' batch check
+                c.check_backward = lambda ctx: None  # type: ignore[method-assign]
+            engine = getattr(c, "engine", None) or getattr(c, "sweep", None)
+            if engine is not None:
+                engine._validated_chain = lambda ctx, e=engine: _unchecked_chain(e)
+    if "backup" in parts:
+        _UNSAVED.add(id(probe._params()[0]))
 
 
 def _stepper(problem: BenchProblem, curvature: str | None, parts=()):
@@ -151,7 +201,10 @@ def parts_of(ratios: dict[str, float]) -> dict[str, float]:
         "recording": ratios["no arithmetic"] - ratios["no recording"],
         "batch": full - ratios["no batch"],
         "snapshot": full - ratios["no snapshot"],
+        "checks": full - ratios["no checks"],
+        "backup": full - ratios["no backup"],
         "rest": ratios["all removed"] - 1.0,
+        "unguarded": ratios["unguarded"],
     }
 
 
@@ -162,6 +215,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     probe_module.StepTransaction = _transaction  # type: ignore[misc]
+    closure_module.GradBackup = _backup  # type: ignore[misc]
     rows = []
     for problem in PROBLEMS:
         for curvature in CURVATURES:
@@ -172,14 +226,24 @@ def main(argv=None) -> None:
             print(rows[-1], flush=True)
     print(
         "\n| model | curvature | probe step | arithmetic | recording | batch "
-        "| snapshot | rest |\n|---|---|---|---|---|---|---|---|"
+        "| snapshot | rest | (checks | backup) | unguarded |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
             f"| {r['problem']} | `{r['curvature']}` | {r['full']:.2f} | "
             + " | ".join(
                 f"{r[k]:.2f}"
-                for k in ("arithmetic", "recording", "batch", "snapshot", "rest")
+                for k in (
+                    "arithmetic",
+                    "recording",
+                    "batch",
+                    "snapshot",
+                    "rest",
+                    "checks",
+                    "backup",
+                    "unguarded",
+                )
             )
             + " |"
         )
