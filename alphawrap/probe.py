@@ -46,7 +46,7 @@ from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
 from alphawrap.direction import BackwardMonitor, StepTransaction, step_products
 from alphawrap.distributed import DistributedReducer
-from alphawrap.errors import ClosureError, ProbeError
+from alphawrap.errors import ClosureError, CurvatureError, ProbeError
 from alphawrap.history import History, ProbeRecord
 from alphawrap.noise import GradientNoise
 from alphawrap.options import (
@@ -787,10 +787,24 @@ class AlphaProbe(Optimizer):
             if "noise" in self._extra_layout:
                 squared.append(packed.numel() + self._extra_layout["noise"][0])
             packed = torch.cat([packed, *extra])
+        # Checks of the batch that need the device's answer ride along: any flag
+        # set on any process refuses the step (the mean is then nonzero).
+        refusals = [r for c in self._curvatures if (r := c.deferred_refusal())]
+        if refusals:
+            flags = torch.stack(
+                [flag.to(device=device, dtype=acc) for flag, _ in refusals]
+            )
+            packed = torch.cat([packed, flags])
         # Under torch.distributed: one all_reduce that averages the local entries
         # (loss, curvature) and takes dᵀg, ‖d‖², ‖g‖² (already global) from rank 0.
         packed = self._distributed.reduce(packed, shared=shared, squared=squared)
-        return self._distributed.unpack(packed.tolist())
+        numbers = self._distributed.unpack(packed.tolist())
+        if refusals:
+            numbers, flags = numbers[: -len(refusals)], numbers[-len(refusals) :]
+            for value, (_, message) in zip(flags, refusals):
+                if value:
+                    raise CurvatureError(message)
+        return numbers
 
     def _decide(
         self, numbers: list[float], pending: Pending

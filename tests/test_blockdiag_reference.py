@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from backpack import backpack
+from backpack import backpack, extend
 
 from alphawrap import AlphaProbe
 from alphawrap.curvature import EvaluationContext
@@ -156,3 +156,22 @@ def test_probe_record_matches_reference(problem, mode):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(current[n])
+
+
+@pytest.mark.parametrize("ignored", [True, False])
+def test_reference_path_flags_ignored_targets(ignored):
+    """BackPACK's closures would count positions whose target is ignore_index:
+    the curvature flags them for the probe to refuse (read with the step's
+    numbers, in one device-to-host transfer)."""
+    torch.manual_seed(0)
+    model = extend(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)))
+    loss_fn = extend(torch.nn.CrossEntropyLoss())
+    x, y = torch.randn(4, 3), torch.tensor([0, -100 if ignored else 0, 1, 1])
+    curvature = BlockHessian()
+    with backpack(*curvature.backpack_extensions()):
+        loss_fn(model(x), y).backward()
+    flag, message = curvature.deferred_refusal()
+    assert bool(flag) is ignored
+    assert "ignore_index (-100)" in message
+    curvature.cleanup(list(model.parameters()))
+    assert curvature.deferred_refusal() is None

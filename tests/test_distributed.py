@@ -200,6 +200,37 @@ def scenario_probe_failure(rank: int) -> dict:
     return out
 
 
+def scenario_ignored_targets(rank: int) -> dict:
+    """Only rank 1's shard has an ignored target; diag-ggn must refuse on both."""
+    model = build(seed=6)
+    ddp = DDP(model)
+    probe = AlphaProbe(torch.optim.SGD(ddp.parameters(), lr=0.1), "diag-ggn")
+    loss_fn = loss_module("mean")
+    x, y = batch(0, "mean", torch.float64, rank)
+    if rank == 1:
+        y = y.clone()
+        y[0] = loss_fn.ignore_index
+
+    def closure():
+        probe.zero_grad()
+        loss = loss_fn(ddp(x), y)
+        loss.backward()
+        return loss
+
+    try:
+        probe.step(closure)
+        error, message = None, ""
+    except CurvatureError as caught:
+        error, message = type(caught).__name__, str(caught)
+    return {
+        "error": error,
+        "message": message,
+        "history": len(probe.history),
+        "params": [p.detach().clone() for p in model.parameters()],
+        "initial": [p.detach().clone() for p in build(seed=6).parameters()],
+    }
+
+
 def scenario_first_step_failure(rank: int) -> dict:
     """Rank 1 fails in the probe before any collective: the probe's timeout."""
     group = dist.new_group(
@@ -286,6 +317,7 @@ SCENARIOS = {
     "replicas": lambda r, out: scenario_replicas(r, True),
     "replicas-unreduced": lambda r, out: scenario_replicas(r, False),
     "probe-failure": lambda r, out: scenario_probe_failure(r),
+    "ignored-targets": lambda r, out: scenario_ignored_targets(r),
     "extras": lambda r, out: scenario_extras(r),
     "cli": scenario_cli,
     # These two leave a process group broken: keep them last.
@@ -456,6 +488,17 @@ def test_failure_inside_the_probe_raises_on_every_process(ranks):
     assert r0["history"] == r1["history"] == 2
     assert r0["step_count"] == r1["step_count"] == 2
     assert all(torch.equal(p, q) for p, q in zip(r0["params"], r1["params"]))
+
+
+@pytest.mark.distributed
+def test_ignored_targets_on_one_process_are_refused_on_every_process(ranks):
+    """The ignored-target flag rides in the step's one collective: the process
+    whose shard is clean refuses too, and both leave the parameters alone."""
+    for res in (r["ignored-targets"] for r in ranks):
+        assert res["error"] == "CurvatureError"
+        assert "ignore_index (-100)" in res["message"]
+        assert res["history"] == 0
+        assert all(torch.equal(p, q) for p, q in zip(res["params"], res["initial"]))
 
 
 @pytest.mark.distributed

@@ -24,12 +24,16 @@ def _plain_problem():
     return model, nn.CrossEntropyLoss(), x, y
 
 
-def _step(probe, model, loss_fn, x, y):
+def _positional(loss_fn, output, y):
+    return loss_fn(output, y)
+
+
+def _step(probe, model, loss_fn, x, y, call=_positional):
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     def closure():
         probe.zero_grad()
-        loss = loss_fn(model(x), y)
+        loss = call(loss_fn, model(x), y)
         loss.backward()
         return loss
 
@@ -176,6 +180,55 @@ def test_exact_curvatures_reuse_the_stored_forward(monkeypatch):
     )
     _step(probe, model, loss_fn, x, y)
     assert probe.history[-1].status == "ok" or probe.history[-1].alpha is None
+
+
+KEYWORD_CALLS = {
+    "keywords": lambda loss_fn, output, y: loss_fn(input=output, target=y),
+    "keyword-target": lambda loss_fn, output, y: loss_fn(output, target=y),
+}
+
+
+@pytest.mark.parametrize("call", KEYWORD_CALLS.values(), ids=KEYWORD_CALLS)
+def test_loss_called_with_keywords_is_swept(call, monkeypatch):
+    """Keyword arguments are put in place: the sweep serves every curvature (no
+    replay) and matches the references, with the target it needs for an ignored
+    position (without the target the loss Hessian would count that row)."""
+    model, loss_fn, x, y = _plain_problem()
+    y[0] = loss_fn.ignore_index
+    monkeypatch.setattr(exact, "_pass", _no_replay)
+    names = list(RESIDUAL)
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        curvature=[*names, "ggn-exact", "hessian-exact"],
+        model=model,
+        loss_fn=loss_fn,
+    )
+    directions, _ = _step(probe, model, loss_fn, x, y, call)
+    rec = probe.history[-1]
+    for name in names:
+        ref = recursive_block_quadratics(
+            model, loss_fn, x, y, directions, RESIDUAL[name]
+        )
+        assert rec.curvatures[name] == pytest.approx(sum(ref.values()).item(), rel=1e-9)
+    _assert_exact_match_dense(
+        rec, model, loss_fn, x, y, directions, ["ggn-exact", "hessian-exact"]
+    )
+
+
+def test_in_place_change_before_a_keyword_loss_call_is_detected():
+    """With no positional input the version is read after the call: an in-place
+    change of the model's output before it still breaks the chain."""
+    model, loss_fn, x, y = _plain_problem()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
+
+    def scaled(loss_fn, output, y):
+        return loss_fn(input=output.mul_(2.0), target=y)
+
+    with pytest.raises(CurvatureError, match="in place"):
+        _step(probe, model, loss_fn, x, y, scaled)
+    assert len(probe.history) == 0
 
 
 def test_unsupported_module_names_it_and_the_alternatives():
@@ -519,6 +572,25 @@ def test_cross_entropy_targets_the_loss_hessian_must_weigh(loss_fn, targets):
     _assert_exact_match_dense(record, model, loss_fn, x, y, directions, ["ggn-exact"])
 
 
+def _probe_through(module, call, passed, loss_fn, x, y, names, **sgd):
+    """A probe of ``module``'s parameters (``model=passed``) and a closure that
+    runs the model through ``call`` (the module or a compiled wrapper)."""
+    probe = AlphaProbe(
+        torch.optim.SGD(module.parameters(), lr=0.1, **sgd),
+        curvature=names,
+        model=passed,
+        loss_fn=loss_fn,
+    )
+
+    def closure():
+        probe.zero_grad()
+        loss = loss_fn(call(x), y)
+        loss.backward()
+        return loss
+
+    return probe, closure
+
+
 @pytest.mark.parametrize("given", ["module", "compiled"])
 def test_compiled_model_gives_the_same_numbers(given):
     """With ``torch.compile`` the recording hooks also fire for the compiled
@@ -537,19 +609,9 @@ def test_compiled_model_gives_the_same_numbers(given):
         (twin, compiled, twin if given == "module" else compiled),
     )
     for module, call, passed in runs:
-        probe = AlphaProbe(
-            torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9),
-            curvature=names,
-            model=passed,
-            loss_fn=loss_fn,
+        probe, closure = _probe_through(
+            module, call, passed, loss_fn, x, y, names, momentum=0.9
         )
-
-        def closure(probe=probe, call=call):
-            probe.zero_grad()
-            loss = loss_fn(call(x), y)
-            loss.backward()
-            return loss
-
         for _ in range(2):
             probe.step(closure)
         records.append(probe.history[-1])
@@ -558,6 +620,45 @@ def test_compiled_model_gives_the_same_numbers(given):
         assert compiled_record.curvatures[name] == pytest.approx(
             plain.curvatures[name], rel=1e-9
         )
+
+
+def test_functionalized_compile_with_an_in_place_activation_matches_eager():
+    """Under a functionalizing ``torch.compile`` backend (``aot_eager``, like
+    inductor) the recording hooks run eagerly. Traced, they read the tensors'
+    versions at trace time, refused the in-place ReLU on the first step and
+    recompiled for every module."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    base = nn.Sequential(
+        nn.Linear(4, 5),
+        nn.ReLU(inplace=True),
+        nn.Linear(5, 5),
+        nn.Tanh(),
+        nn.Linear(5, 3),
+    ).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    names = ["hessian", "hessian-exact"]
+    histories = []
+    counters.clear()
+    for compiled in (False, True):
+        model = copy.deepcopy(base)
+        call = torch.compile(model, backend="aot_eager") if compiled else model
+        probe, closure = _probe_through(model, call, model, loss_fn, x, y, names)
+        probe.step(closure)
+        frames = counters["frames"]["total"]
+        for _ in range(2):
+            probe.step(closure)
+        histories.append(probe.history)
+    assert counters["frames"]["total"] == frames  # nothing compiled after step 1
+    for eager, compiled in zip(*histories):
+        for name in names:
+            assert compiled.curvatures[name] == pytest.approx(
+                eager.curvatures[name], rel=1e-12
+            )
 
 
 class _DetachedInside(nn.Module):

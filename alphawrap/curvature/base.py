@@ -107,5 +107,15 @@ class Curvature(ABC):
     def cleanup(self, params: Sequence[Tensor]) -> None:  # noqa: B027
         """Drop what the backward pass stored (called before and after a step)."""
 
+    def deferred_refusal(self) -> tuple[Tensor, str] | None:
+        """A check of this step's input that needs the device's answer, if any.
+
+        Returns ``(flag, message)``: the probe reads the 0-d ``flag`` in the
+        step's one device-to-host transfer and raises a
+        :class:`~alphawrap.errors.CurvatureError` with ``message`` (undoing the
+        step) if it is nonzero, instead of a synchronising check of its own.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

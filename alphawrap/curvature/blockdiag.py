@@ -34,7 +34,11 @@ from backpack.extensions.curvmatprod.pchmp.activations import (
 from torch import Tensor, nn
 
 from alphawrap.curvature.base import Curvature
-from alphawrap.curvature.extension import BackpackCurvature, module_names
+from alphawrap.curvature.extension import (
+    BackpackCurvature,
+    module_names,
+    refuse_ignored_targets,
+)
 from alphawrap.errors import CurvatureError
 
 
@@ -115,7 +119,8 @@ class BlockDiagonalCurvature(BackpackCurvature):
     """
 
     def backpack_extensions(self) -> list[Any]:
-        return [_scale_loss_products(self.make_extension())]
+        extension = _scale_loss_products(self.make_extension())
+        return [refuse_ignored_targets(extension, self)]
 
     def block_quadratic(
         self, stored: Any, direction: Tensor, dtype: torch.dtype
@@ -178,6 +183,8 @@ class PCHAbs(_PositiveCurvatureHessian):
 
 _NO_EXTENSION = re.compile(r"does not have an extension for Module <class '([\w.]+)'>")
 _NO_BACKPROPED = "expects a backpropagation quantity but it is None"
+# BackPACK's forward hook stores positional inputs only (input0, input1, ...).
+_NO_INPUT = re.compile(r"'(\w+)' object has no attribute 'input\d+'")
 
 
 def _savefield(curvature: Curvature) -> str | None:
@@ -238,8 +245,19 @@ def translate_backpack_error(
             "is not extended or is computed functionally. Use a loss module "
             "extended with BackPACK, e.g. `loss_fn = backpack.extend("
             "torch.nn.CrossEntropyLoss())` (MSELoss and CrossEntropyLoss are "
-            f"supported), and make it the last operation of the closure{where}."
+            f"supported), and make it the last operation of the closure, called "
+            "with positional arguments (`loss_fn(output, y)`: BackPACK does not "
+            f"see keyword arguments such as `loss_fn(input=..., target=...)`){where}."
             f"{other}"
+        )
+    keyword = _NO_INPUT.search(text)
+    if isinstance(error, AttributeError) and keyword:
+        module = keyword.group(1)
+        return CurvatureError(
+            f"BackPACK found no input of {module} for {names}: it records a "
+            "module's positional arguments only, and this one was called with "
+            "keyword arguments (such as `loss_fn(input=output, target=y)`). Call "
+            f"it positionally, `loss_fn(output, y)`.{other}"
         )
     if isinstance(error, NotImplementedError) and (
         "ignore_index" in text or "weight" in text

@@ -82,6 +82,61 @@ def private_randomness(
     return extension
 
 
+class _IgnoredTargetGuard:
+    """Refuses ignored class targets before BackPACK's cross-entropy extension runs.
+
+    ``nn.CrossEntropyLoss`` skips the positions whose target is ``ignore_index``
+    (and divides the mean by the others); BackPACK's loss Hessian, its square
+    root and its samples count every position, so its curvature would be wrong.
+    """
+
+    def __init__(self, inner: Any, owner: BackpackCurvature) -> None:
+        self.inner = inner
+        self.owner = owner
+
+    def __call__(self, ext: Any, module: nn.Module, g_inp: Any, g_out: Any) -> None:
+        target = getattr(module, "input1", None)
+        name = self.owner.name
+        if not isinstance(target, Tensor):  # a keyword target: BackPACK misses it
+            from alphawrap.curvature.rules import UNSEEN_TARGET
+
+            raise CurvatureError(f"Curvature {name!r}: {UNSEEN_TARGET}")
+        if not target.is_floating_point():
+            # Read with the step's numbers (one transfer), not synchronised here.
+            self.owner.refusal = (
+                (target == module.ignore_index).any(),
+                f"Curvature {name!r} cannot weigh ignored targets: some targets "
+                f"equal ignore_index ({module.ignore_index}), and BackPACK's "
+                "cross-entropy Hessian counts those positions (and divides the "
+                "mean by all of them), so the number would be wrong. Use "
+                "'hessian', 'ggn', 'pch-clip' or 'pch-abs' (the tangent sweep "
+                "weighs ignored targets), 'ggn-exact' or 'hessian-exact', or "
+                "leave the ignored positions out of the batch.",
+            )
+        self.inner(ext, module, g_inp, g_out)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def refuse_ignored_targets(
+    extension: BackpropExtension, owner: BackpackCurvature
+) -> BackpropExtension:
+    """Guard the extension's cross-entropy loss against ignored class targets.
+
+    A target passed as a keyword (BackPACK does not record it) is refused at
+    once; whether a class target equals ``ignore_index`` becomes ``owner``'s
+    :meth:`~BackpackCurvature.deferred_refusal`.
+    """
+    mapping = getattr(extension, "_BackpropExtension__module_extensions", {})
+    inner = mapping.get(nn.CrossEntropyLoss)
+    if inner is not None:
+        extension.set_module_extension(
+            nn.CrossEntropyLoss, _IgnoredTargetGuard(inner, owner), overwrite=True
+        )
+    return extension
+
+
 class BackpackCurvature(Curvature):
     """Template: block quadratics from a quantity a BackPACK extension stores.
 
@@ -114,7 +169,7 @@ class BackpackCurvature(Curvature):
 
     def backpack_extensions(self) -> list[Any]:
         """BackPACK extensions to activate during the closure's backward pass."""
-        return [self.make_extension()]
+        return [refuse_ignored_targets(self.make_extension(), self)]
 
     def check_backward(self, ctx: EvaluationContext) -> None:
         """Fail right after the backward pass if evaluation cannot work."""
@@ -147,8 +202,15 @@ class BackpackCurvature(Curvature):
             values.append(self.block_quadratic(getattr(p, self.savefield), d, acc))
         return torch.stack(values)
 
+    refusal: tuple[Tensor, str] | None = None
+    """Whether this step's batch has targets BackPACK would count wrongly."""
+
+    def deferred_refusal(self) -> tuple[Tensor, str] | None:
+        return self.refusal
+
     def cleanup(self, params: Sequence[Tensor]) -> None:
         """Drop what the backward pass stored on the parameters."""
+        self.refusal = None
         for p in params:
             if hasattr(p, self.savefield):
                 delattr(p, self.savefield)

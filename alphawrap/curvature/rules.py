@@ -297,6 +297,14 @@ class _Sigmoid(_Elementwise):
         return (1.0 - 2.0 * y).mul_(df)  # y (1 - y) (1 - 2y)
 
 
+UNSEEN_TARGET = (
+    "BackPACK recorded no target for CrossEntropyLoss: it records positional "
+    "arguments only, and the target was passed as a keyword. Without it the "
+    "curvature cannot leave out the positions whose target is ignore_index. Pass "
+    "it positionally: `loss_fn(output, y)`."
+)
+
+
 class _CrossEntropyLoss(BackpackRule):
     r"""``∇²ℓ = c (diag(p) − ppᵀ)`` per position: ``ṫᵀ∇²ℓṫ = c (Σ p ṫ² − (Σ p ṫ)²)``.
 
@@ -315,7 +323,7 @@ class _CrossEntropyLoss(BackpackRule):
         module, x = trace.module, trace.inputs[0]
         target = trace.inputs[1] if len(trace.inputs) > 1 else None
         if not isinstance(target, Tensor):
-            return super().loss_quadratic(trace, tangents, acc)
+            raise CurvatureError(UNSEEN_TARGET)
         weighted = tangents * torch.softmax(x, dim=1)
         mean = weighted.sum(2, dtype=acc)  # over classes: [V, N, ...]
         per_position = (weighted * tangents).sum(2, dtype=acc) - mean * mean

@@ -39,6 +39,7 @@ refused with a clear error rather than giving silently wrong numbers.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import weakref
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ from alphawrap.curvature.blockdiag import supported_modules
 from alphawrap.curvature.rules import (
     CROSS_TERM_MODULES,
     FAST_RULES,
+    UNSEEN_TARGET,
     BackpackRule,
     per_slot,
     rule_for,
@@ -144,7 +146,8 @@ class HookRecorder:
     module's input and output, and a tensor hook on the output keeps its gradient
     ``δ``. The hooks exist only while a probed closure runs, so the steps in
     between cost exactly a plain step (BackPACK's own hooks, installed by
-    ``extend``, slow *every* step down).
+    ``extend``, slow *every* step down). Keyword arguments of a module call are
+    put in place (``loss_fn(input=out, target=y)`` records ``(out, y)``).
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module) -> None:
@@ -158,6 +161,7 @@ class HookRecorder:
         self.cross_terms = False
         """Whether the exact Hessian's cross terms need ``δ`` at Linear/Conv."""
         self._needs_delta: dict[tuple[type, bool], bool] = {}
+        _run_hooks_eagerly()
 
     @property
     def trace(self) -> list[_Trace]:
@@ -176,29 +180,37 @@ class HookRecorder:
         # two hooks on every leaf module.
         self._handles = [
             register_module_forward_pre_hook(self._before),
-            register_module_forward_hook(self._record),
+            register_module_forward_hook(self._record, with_kwargs=True),
         ]
         return self
 
     def _before(self, module: nn.Module, inputs: tuple) -> None:
         if id(module) not in self._watched:
             return
-        first = _first_input(inputs)
-        self._input_versions[id(module)] = -1 if first is None else first._version
+        first = _first_input(inputs)  # global pre-hooks see no keyword arguments
+        if first is not None:
+            self._input_versions[id(module)] = first._version
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def _record(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+    def _record(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
+    ) -> None:
         if id(module) not in self._watched:
             return
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
-        before = self._input_versions.pop(id(module), -1)
+        inputs = _call_inputs(module, args, kwargs)
+        before = self._input_versions.pop(id(module), None)
         first = _first_input(inputs)
-        if (
+        if before is None:
+            # No positional tensor before the call (none at all, or a keyword
+            # call such as loss_fn(input=..., target=...)): the version now.
+            before = -1 if first is None else first._version
+        elif (
             first is not None
             and first._version != before
             and not _same_tensor(first, output)
@@ -258,8 +270,66 @@ class HookRecorder:
         return self._needs_delta[key]
 
 
+_EAGER = False
+
+
+def _run_hooks_eagerly() -> None:
+    """Keep ``torch.compile`` from tracing the recording hooks (once per process).
+
+    Traced, the hooks would read the tensors' versions at trace time (and refuse
+    an in-place activation that a functionalizing backend rewrites) and be
+    recompiled for every module. Marked as skipped, they run as plain Python at
+    a graph break. Dynamo's ``skip`` marks the functions themselves; the public
+    ``torch.compiler.disable`` wraps them instead, and its wrapper costs 2-3 % of
+    a small model's probe step on every call, compiled or not.
+    """
+    global _EAGER
+    if _EAGER:
+        return
+    _EAGER = True
+    try:
+        from torch._dynamo.decorators import skip
+    except ImportError:  # a private API: without it the hooks are traced, as before
+        return
+    for hook in (HookRecorder._before, HookRecorder._record):
+        skip(hook)
+
+
 def _first_input(inputs: tuple) -> Tensor | None:
     return inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
+
+
+_FORWARD_PARAMETERS: dict[type[nn.Module], tuple[str, ...]] = {}
+
+
+def _call_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """A module call's arguments by position, keyword ones moved into place.
+
+    The rules read a module's inputs by position, as BackPACK does (``input0``,
+    ``input1``); ``loss_fn(input=out, target=y)`` becomes ``(out, y)``. Keyword
+    arguments after a gap (a parameter left at its default) are not needed by
+    any rule and are left out.
+    """
+    if not kwargs:
+        return args
+    cls = type(module)
+    names = _FORWARD_PARAMETERS.get(cls)
+    if names is None:
+        try:
+            parameters = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):  # no signature: keep the positional ones
+            parameters = {}
+        names = _FORWARD_PARAMETERS[cls] = tuple(
+            name
+            for name, parameter in parameters.items()
+            if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        )
+    inputs = list(args)
+    for name in names[len(args) :]:
+        if name not in kwargs:
+            break
+        inputs.append(kwargs[name])
+    return tuple(inputs)
 
 
 def _is_loss_module(module: Any) -> bool:
@@ -404,6 +474,31 @@ class TangentSweep:
                 f"Supported modules: {', '.join(supported_modules(self.recorder))}. "
                 "Curvatures that work on any differentiable model: 'ggn-exact', "
                 "'hessian-exact'."
+            )
+        keywords = next((t for t in trace if not t.inputs), None)
+        if keywords is not None:  # hooks (and BackPACK) see positional inputs only
+            module = type(keywords.module).__name__
+            raise CurvatureError(
+                f"Curvatures {names}: {module} was called with keyword arguments "
+                "only (such as `loss_fn(input=output, target=y)`), and BackPACK "
+                f"records a module's positional arguments only, so {module} has no "
+                "recorded input. Call it positionally, `loss_fn(output, y)`"
+                + (
+                    ", or pass model= and loss_fn= to AlphaProbe, whose own "
+                    "recording sees keyword arguments."
+                    if self.hooks is None
+                    else "."
+                )
+            )
+        if type(trace[0].module) is nn.CrossEntropyLoss and len(trace[0].inputs) < 2:
+            raise CurvatureError(
+                f"Curvatures {names}: {UNSEEN_TARGET}"
+                + (
+                    " Or pass model= and loss_fn= to AlphaProbe, whose own "
+                    "recording sees keyword arguments."
+                    if self.hooks is None
+                    else ""
+                )
             )
         if len({id(t.module) for t in trace}) != len(trace):
             raise CurvatureError(
