@@ -17,6 +17,7 @@ from backpack import backpack
 from torch import Tensor
 
 from alphawrap.curvature.blockdiag import translate_backpack_error
+from alphawrap.curvature.extension import fresh_loss_inputs
 from alphawrap.direction import BackwardMonitor, GradBackup
 from alphawrap.errors import ClosureError, ProbeError
 
@@ -182,6 +183,7 @@ class ClosureSession:
             # context, so models with modules BackPACK does not know run untouched.
             if extensions:
                 self._stack.enter_context(backpack(*extensions))
+                self._stack.enter_context(fresh_loss_inputs())
             if self.probing:
                 for c in self.probe._curvatures:
                     self._stack.enter_context(c.recording())

@@ -261,6 +261,17 @@ def _closure_raising(s: Setup):
     return closure
 
 
+def _closure_raising_attribute_error(s: Setup):
+    """The user's own AttributeError, worded like BackPACK's missing input."""
+
+    def closure():
+        s.probe.zero_grad()
+        s.loss_fn(s.model(s.x), s.y).backward()
+        raise AttributeError("'CrossEntropyLoss' object has no attribute 'input1'")
+
+    return closure
+
+
 def _closure_returning(value: Callable[[torch.Tensor], Any], backward: bool = True):
     def make(s: Setup):
         def closure():
@@ -296,6 +307,12 @@ def _closure_functional_loss(s: Setup):
 
 CLOSURE_CASES = [
     Case("raises", _closure_raising, ValueError, "user bug in the closure"),
+    Case(
+        "raises-attribute-error",
+        _closure_raising_attribute_error,
+        AttributeError,
+        "has no attribute 'input1'",
+    ),
     Case(
         "returns-none",
         _closure_returning(lambda loss: None),
@@ -340,18 +357,24 @@ def test_bad_closure_changes_nothing(case):
     snapshot.assert_same(s.probe)
 
 
-@pytest.mark.parametrize("keywords", ["input-and-target", "target"])
+@pytest.mark.parametrize(
+    "keywords", ["input-and-target", "target", "target-after-a-logged-loss"]
+)
 @pytest.mark.parametrize("curvature", ["hessian", "kfac", "diag-ggn"])
 def test_keyword_loss_call_on_the_backpack_route_is_explained(curvature, keywords):
     """BackPACK records positional inputs only; each of its routes says so (the
     tangent sweep's chain check, a missing input0 or target, nothing propagated).
-    Without the target, ignored positions could not be left out."""
+    Without the target, ignored positions could not be left out. A target that
+    BackPACK kept from an earlier forward without backward (a loss logged with
+    gradients on) is not taken for this call's."""
     s = setup(curvature=curvature)
+    if keywords == "target-after-a-logged-loss":
+        s.loss_fn(s.model(s.x), torch.zeros_like(s.y)).item()
     snapshot = Snapshot(s.probe)
 
     def closure():
         s.probe.zero_grad()
-        if keywords == "target":
+        if keywords != "input-and-target":
             loss = s.loss_fn(s.model(s.x), target=s.y)
         else:
             loss = s.loss_fn(input=s.model(s.x), target=s.y)

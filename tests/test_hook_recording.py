@@ -182,9 +182,18 @@ def test_exact_curvatures_reuse_the_stored_forward(monkeypatch):
     assert probe.history[-1].status == "ok" or probe.history[-1].alpha is None
 
 
+def _metric_then_keywords(loss_fn, output, y):
+    """A metric without gradients (positional, on an edited copy) first: what the
+    hooks saw of that call must not count for the keyword call after it."""
+    with torch.no_grad():
+        loss_fn(output.clone().clamp_(-10.0, 10.0), y)
+    return loss_fn(input=output, target=y)
+
+
 KEYWORD_CALLS = {
     "keywords": lambda loss_fn, output, y: loss_fn(input=output, target=y),
     "keyword-target": lambda loss_fn, output, y: loss_fn(output, target=y),
+    "no-grad-metric-then-keywords": _metric_then_keywords,
 }
 
 
@@ -624,12 +633,9 @@ def test_compiled_model_gives_the_same_numbers(given):
 
 def test_functionalized_compile_with_an_in_place_activation_matches_eager():
     """Under a functionalizing ``torch.compile`` backend (``aot_eager``, like
-    inductor) the recording hooks run eagerly. Traced, they read the tensors'
-    versions at trace time, refused the in-place ReLU on the first step and
-    recompiled for every module."""
+    inductor) the recording hooks are not traced. Traced, they read the tensors'
+    versions at trace time and refused the in-place ReLU on the first step."""
     import copy
-
-    from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     base = nn.Sequential(
@@ -643,22 +649,34 @@ def test_functionalized_compile_with_an_in_place_activation_matches_eager():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     names = ["hessian", "hessian-exact"]
     histories = []
-    counters.clear()
+    torch.compiler.reset()  # what earlier tests compiled decides nothing here
     for compiled in (False, True):
         model = copy.deepcopy(base)
         call = torch.compile(model, backend="aot_eager") if compiled else model
         probe, closure = _probe_through(model, call, model, loss_fn, x, y, names)
-        probe.step(closure)
-        frames = counters["frames"]["total"]
-        for _ in range(2):
+        for _ in range(3):
             probe.step(closure)
         histories.append(probe.history)
-    assert counters["frames"]["total"] == frames  # nothing compiled after step 1
     for eager, compiled in zip(*histories):
         for name in names:
             assert compiled.curvatures[name] == pytest.approx(
                 eager.curvatures[name], rel=1e-12
             )
+
+
+def test_model_compiled_before_the_first_probed_step_is_explained():
+    """A compiled graph that ran before the probe existed hides the modules from
+    its hooks: the block curvatures say so (and what to do), changing nothing."""
+    torch.compiler.reset()  # what earlier tests compiled decides nothing here
+    model, loss_fn, x, y = _plain_problem()
+    call = torch.compile(model, backend="aot_eager")
+    call(x)  # e.g. a warm-up or evaluation before the probe is created
+    probe, closure = _probe_through(model, call, model, loss_fn, x, y, ["hessian"])
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(CurvatureError, match=r"torch\.compile.*before the compiled"):
+        probe.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(probe.history) == 0
 
 
 class _DetachedInside(nn.Module):

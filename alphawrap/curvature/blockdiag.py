@@ -185,6 +185,7 @@ _NO_EXTENSION = re.compile(r"does not have an extension for Module <class '([\w.
 _NO_BACKPROPED = "expects a backpropagation quantity but it is None"
 # BackPACK's forward hook stores positional inputs only (input0, input1, ...).
 _NO_INPUT = re.compile(r"'(\w+)' object has no attribute 'input\d+'")
+_LOSS_NAMES = ("CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss")
 
 
 def _savefield(curvature: Curvature) -> str | None:
@@ -251,7 +252,12 @@ def translate_backpack_error(
             f"{other}"
         )
     keyword = _NO_INPUT.search(text)
-    if isinstance(error, AttributeError) and keyword:
+    if (
+        isinstance(error, AttributeError)
+        and keyword
+        and keyword.group(1) in _LOSS_NAMES
+        and _raised_in_backpack(error)
+    ):
         module = keyword.group(1)
         return CurvatureError(
             f"BackPACK found no input of {module} for {names}: it records a "

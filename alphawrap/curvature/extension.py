@@ -21,12 +21,14 @@ stays bitwise identical to the unwrapped optimizer.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from alphawrap.curvature.base import Curvature, EvaluationContext
 from alphawrap.errors import CurvatureError
@@ -80,6 +82,28 @@ def private_randomness(
                 module_cls, _SeededModuleExtension(inner, next_seed), overwrite=True
             )
     return extension
+
+
+def _drop_stale_inputs(module: nn.Module, args: Any) -> None:
+    if type(module) in _LOSS_MODULES and torch.is_grad_enabled():
+        # BackPACK stores a call's positional inputs as input0, input1, ... and
+        # deletes them only in its backward: a target left by an earlier forward
+        # without backward (a logged validation loss) would pass for this call's
+        # when the target comes as a keyword.
+        for name in [
+            k for k in module.__dict__ if k[5:].isdigit() and k[:5] == "input"
+        ]:
+            del module.__dict__[name]
+
+
+@contextmanager
+def fresh_loss_inputs() -> Iterator[None]:
+    """While active, a loss module's BackPACK inputs are those of its last call."""
+    handle = register_module_forward_pre_hook(_drop_stale_inputs)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class _IgnoredTargetGuard:

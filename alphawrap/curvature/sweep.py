@@ -174,6 +174,7 @@ class HookRecorder:
     def __enter__(self) -> HookRecorder:
         self.__exit__()  # entered again without exit: never leave hooks behind
         self.entries.clear()
+        self._input_versions.clear()
         leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
         self._watched = {id(m) for m in [*leaves, self.loss_fn]}
         # Two global hooks (filtered by module) cost less to install per step than
@@ -201,10 +202,10 @@ class HookRecorder:
     ) -> None:
         if id(module) not in self._watched:
             return
+        before = self._input_versions.pop(id(module), None)  # this call's, always
         if not torch.is_grad_enabled() or not isinstance(output, Tensor):
             return
         inputs = _call_inputs(module, args, kwargs)
-        before = self._input_versions.pop(id(module), None)
         first = _first_input(inputs)
         if before is None:
             # No positional tensor before the call (none at all, or a keyword
@@ -575,6 +576,19 @@ class TangentSweep:
                 "model and loss is invisible to BackPACK."
             )
         orphans = ctx.reached_except(held)
+        if orphans and self.hooks is not None:
+            raise CurvatureError(
+                f"Curvatures {names}: the recording hooks saw no module call for "
+                f"parameter(s) {', '.join(orphans)}, although the backward pass "
+                "reached them. Either they are used outside a module call of "
+                "model= (a functional call, a parameter of a custom module), or "
+                "model= is compiled (torch.compile) and its compiled graph ran "
+                "before the probe's first probed step, which hides the modules from "
+                "the hooks: create the probe before the compiled model's first "
+                "call. Supported modules: "
+                f"{', '.join(supported_modules(self.recorder))}. The exact "
+                "curvatures 'ggn-exact' and 'hessian-exact' replay any model."
+            )
         if orphans:
             raise CurvatureError(
                 f"Curvatures {names} got no BackPACK record for parameter(s) "
