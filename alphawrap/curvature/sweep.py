@@ -580,12 +580,11 @@ class TangentSweep:
             raise CurvatureError(
                 f"Curvatures {names}: the recording hooks saw no module call for "
                 f"parameter(s) {', '.join(orphans)}, although the backward pass "
-                "reached them. Either they are used outside a module call of "
-                "model= (a functional call, a parameter of a custom module), or "
-                "model= is compiled (torch.compile) and its compiled graph ran "
-                "before the probe's first probed step, which hides the modules from "
-                "the hooks: create the probe before the compiled model's first "
-                "call. Supported modules: "
+                "reached them: they are used outside a module call of model= (a "
+                "functional call, a parameter of a custom module), or the closure "
+                "calls a torch.compile wrapper of model= whose graph hides the "
+                "modules (pass the compiled model itself as model=). Supported "
+                "modules: "
                 f"{', '.join(supported_modules(self.recorder))}. The exact "
                 "curvatures 'ggn-exact' and 'hessian-exact' replay any model."
             )
