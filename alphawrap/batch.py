@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from alphawrap.compiled import eager_if_compiled
 from alphawrap.errors import CurvatureError
 
 __all__ = ["BatchRecorder", "RecordedBatch", "RecordingLoss"]
@@ -153,10 +154,15 @@ class RecordedBatch:
         )
 
     def forward(self, overrides: dict[str, Tensor]) -> Tensor:
-        """Re-run the model with parameters/buffers ``overrides`` (by name)."""
-        output = torch.func.functional_call(
-            self.model, overrides, self.model_args, self.model_kwargs, strict=False
-        )
+        """Re-run the model with parameters/buffers ``overrides`` (by name).
+
+        A compiled model runs eagerly (:mod:`alphawrap.compiled`): compiled with
+        aot_autograd, its graph has no double backward for the exact Hessian.
+        """
+        with eager_if_compiled(self.model):
+            output = torch.func.functional_call(
+                self.model, overrides, self.model_args, self.model_kwargs, strict=False
+            )
         return self.select(output)
 
     def loss(self, output: Tensor) -> Tensor:

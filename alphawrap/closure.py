@@ -13,10 +13,10 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
 from backpack import backpack
 from torch import Tensor
 
+from alphawrap.compiled import eager_if_compiled
 from alphawrap.curvature.blockdiag import translate_backpack_error
 from alphawrap.curvature.extension import fresh_loss_inputs
 from alphawrap.direction import BackwardMonitor, GradBackup
@@ -154,32 +154,6 @@ class Capture:
         return False
 
 
-def _is_compiled(model: Any) -> bool:
-    """Whether ``model`` is a ``torch.compile`` wrapper or compiled in place."""
-    return model is not None and (
-        "_orig_mod" in getattr(model, "_modules", ())  # torch.compile(model)
-        or getattr(model, "_compiled_call_impl", None) is not None  # model.compile()
-    )
-
-
-def _eager_compiled_code(model: Any) -> contextlib.AbstractContextManager[Any]:
-    """Run a compiled ``model=`` eagerly inside a probed closure.
-
-    The recordings (the hooks, BackPACK's) must see every module call, which a
-    compiled graph hides; and a model first compiled with the hooks present
-    falls back to eager for good. Eager on probed steps, it is compiled on a
-    step without the hooks, so the steps between probes run the compiled graph.
-    Only for a compiled ``model=``: the stance switch costs a few percent of a
-    small model's probe step.
-    """
-    if not _is_compiled(model):
-        return contextlib.nullcontext()
-    try:
-        return torch.compiler.set_stance("force_eager")
-    except RuntimeError:  # already inside a compiled region: leave it alone
-        return contextlib.nullcontext()
-
-
 class ClosureSession:
     """Runs user code that calls backward, inside the probe's BackPACK context."""
 
@@ -212,7 +186,7 @@ class ClosureSession:
                 self._stack.enter_context(backpack(*extensions))
                 self._stack.enter_context(fresh_loss_inputs())
             if self.probing:
-                self._stack.enter_context(_eager_compiled_code(self.probe._model))
+                self._stack.enter_context(eager_if_compiled(self.probe._model))
                 for c in self.probe._curvatures:
                     self._stack.enter_context(c.recording())
             self.recorder = self.probe._batch_recorder() if self.probing else None

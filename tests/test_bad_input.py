@@ -387,6 +387,34 @@ def test_keyword_loss_call_on_the_backpack_route_is_explained(curvature, keyword
     snapshot.assert_same(s.probe)
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn", "diag-ggn", "kfac"])
+def test_a_loss_logged_under_backpack_disable_keeps_the_training_loss_inputs(
+    curvature,
+):
+    """BackPACK stores nothing under ``backpack.disable()``: dropping the loss's
+    leftover inputs there would lose those of the training loss. The record
+    equals that of the same step without the logged loss."""
+    from backpack import disable
+
+    records = []
+    for log in (False, True):
+        s = setup(curvature=curvature)
+
+        def closure(s=s, log=log):
+            s.probe.zero_grad()
+            out = s.model(s.x)
+            loss = s.loss_fn(out, s.y)
+            if log:
+                with disable():
+                    s.loss_fn(out, torch.zeros_like(s.y)).item()
+            loss.backward()
+            return loss
+
+        s.probe.step(closure)
+        records.append(s.probe.history[-1])
+    assert records[0].curvatures == records[1].curvatures
+
+
 @pytest.mark.parametrize(
     "curvature", ["diag-ggn", "diag-ggn-mc", "diag-hessian", "kfac", "kflr", "kfra"]
 )

@@ -664,68 +664,6 @@ def test_functionalized_compile_with_an_in_place_activation_matches_eager():
             )
 
 
-def test_compiled_model_runs_its_graph_between_probes_and_eagerly_when_probed():
-    """With a compiled model= probed closures run it eagerly (the hooks must see
-    each module call), so the steps between probes keep the compiled graph, and
-    a graph compiled before the probe existed (a warm-up) does not hide the
-    modules. The numbers equal an uncompiled twin's."""
-    import copy
-
-    torch.compiler.reset()  # what earlier tests compiled decides nothing here
-    model, loss_fn, x, y = _plain_problem()
-    twin = copy.deepcopy(model)
-    runs = [0]
-
-    def counting_backend(graph, example_inputs):
-        def run(*args):
-            runs[0] += 1
-            return graph(*args)
-
-        return run
-
-    call = torch.compile(model, backend=counting_backend)
-    call(x)  # compiled before the probe exists
-    histories, compiled_runs = [], []
-    for module, forward in ((model, call), (twin, twin)):
-        probe = AlphaProbe(
-            torch.optim.SGD(module.parameters(), lr=0.1),
-            curvature=["hessian", "hessian-exact"],
-            model=forward,  # the compiled wrapper tells the probe
-            loss_fn=loss_fn,
-            interval=2,
-        )
-
-        def closure(probe=probe, forward=forward):
-            probe.zero_grad()
-            loss = loss_fn(forward(x), y)
-            loss.backward()
-            return loss
-
-        for _ in range(4):
-            before = runs[0]
-            probe.step(closure)
-            compiled_runs.append(runs[0] - before)
-        histories.append(probe.history)
-    assert compiled_runs == [0, 1, 0, 1, 0, 0, 0, 0]  # the twin compiles nothing
-    assert len(histories[0]) == len(histories[1]) == 2
-    for compiled, eager in zip(*histories):
-        for name in ("hessian", "hessian-exact"):
-            assert compiled.curvatures[name] == pytest.approx(
-                eager.curvatures[name], rel=1e-12
-            )
-
-
-def test_compiled_models_are_recognised():
-    """Both ways of compiling a module make the probe run it eagerly when probed."""
-    from alphawrap.closure import _is_compiled
-
-    model = nn.Linear(2, 2)
-    assert not _is_compiled(model) and not _is_compiled(None)
-    assert _is_compiled(torch.compile(model, backend="eager"))
-    model.compile(backend="eager")
-    assert _is_compiled(model)
-
-
 class _DetachedInside(nn.Module):
     """A chain of modules with a ``.detach()`` after the first layer."""
 

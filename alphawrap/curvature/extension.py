@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
+from backpack import disable as backpack_disable
 from backpack.extensions.backprop_extension import BackpropExtension
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
@@ -85,7 +86,11 @@ def private_randomness(
 
 
 def _drop_stale_inputs(module: nn.Module, args: Any) -> None:
-    if type(module) in _LOSS_MODULES and torch.is_grad_enabled():
+    if (
+        type(module) in _LOSS_MODULES
+        and torch.is_grad_enabled()
+        and backpack_disable.should_store_io()  # else BackPACK stores nothing new
+    ):
         # BackPACK stores a call's positional inputs as input0, input1, ... and
         # deletes them only in its backward: a target left by an earlier forward
         # without backward (a logged validation loss) would pass for this call's
