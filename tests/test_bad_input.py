@@ -252,24 +252,18 @@ def setup(
     return s
 
 
-def _closure_raising(s: Setup):
-    def closure():
-        s.probe.zero_grad()
-        s.loss_fn(s.model(s.x), s.y).backward()
-        raise ValueError("user bug in the closure")
+def _closure_raising(error: type[BaseException], message: str):
+    """A closure that raises the user's own ``error(message)`` after backward."""
 
-    return closure
+    def make(s: Setup):
+        def closure():
+            s.probe.zero_grad()
+            s.loss_fn(s.model(s.x), s.y).backward()
+            raise error(message)
 
+        return closure
 
-def _closure_raising_attribute_error(s: Setup):
-    """The user's own AttributeError, worded like BackPACK's missing input."""
-
-    def closure():
-        s.probe.zero_grad()
-        s.loss_fn(s.model(s.x), s.y).backward()
-        raise AttributeError("'CrossEntropyLoss' object has no attribute 'input1'")
-
-    return closure
+    return make
 
 
 def _closure_returning(value: Callable[[torch.Tensor], Any], backward: bool = True):
@@ -306,10 +300,17 @@ def _closure_functional_loss(s: Setup):
 
 
 CLOSURE_CASES = [
-    Case("raises", _closure_raising, ValueError, "user bug in the closure"),
     Case(
+        "raises",
+        _closure_raising(ValueError, "user bug in the closure"),
+        ValueError,
+        "user bug in the closure",
+    ),
+    Case(  # worded like BackPACK's missing input: not taken for BackPACK's
         "raises-attribute-error",
-        _closure_raising_attribute_error,
+        _closure_raising(
+            AttributeError, "'CrossEntropyLoss' object has no attribute 'input1'"
+        ),
         AttributeError,
         "has no attribute 'input1'",
     ),

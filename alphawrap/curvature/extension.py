@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from alphawrap.curvature.base import Curvature, EvaluationContext
+from alphawrap.curvature.rules import UNSEEN_TARGET
 from alphawrap.errors import CurvatureError
 
 _LOSS_MODULES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
@@ -127,8 +128,6 @@ class _IgnoredTargetGuard:
         target = getattr(module, "input1", None)
         name = self.owner.name
         if not isinstance(target, Tensor):  # a keyword target: BackPACK misses it
-            from alphawrap.curvature.rules import UNSEEN_TARGET
-
             raise CurvatureError(f"Curvature {name!r}: {UNSEEN_TARGET}")
         if not target.is_floating_point():
             # Read with the step's numbers (one transfer), not synchronised here.

@@ -476,31 +476,26 @@ class TangentSweep:
                 "Curvatures that work on any differentiable model: 'ggn-exact', "
                 "'hessian-exact'."
             )
+        # BackPACK's records (and the hooks' global pre-hook) hold positional
+        # arguments only; the probe's own recording puts keyword ones in place.
+        own_recording = (
+            " Or pass model= and loss_fn= to AlphaProbe, whose own recording sees "
+            "keyword arguments."
+            if self.hooks is None
+            else ""
+        )
         keywords = next((t for t in trace if not t.inputs), None)
-        if keywords is not None:  # hooks (and BackPACK) see positional inputs only
+        if keywords is not None:
             module = type(keywords.module).__name__
             raise CurvatureError(
                 f"Curvatures {names}: {module} was called with keyword arguments "
                 "only (such as `loss_fn(input=output, target=y)`), and BackPACK "
                 f"records a module's positional arguments only, so {module} has no "
-                "recorded input. Call it positionally, `loss_fn(output, y)`"
-                + (
-                    ", or pass model= and loss_fn= to AlphaProbe, whose own "
-                    "recording sees keyword arguments."
-                    if self.hooks is None
-                    else "."
-                )
+                "recorded input. Call it positionally: `loss_fn(output, y)`."
+                + own_recording
             )
         if type(trace[0].module) is nn.CrossEntropyLoss and len(trace[0].inputs) < 2:
-            raise CurvatureError(
-                f"Curvatures {names}: {UNSEEN_TARGET}"
-                + (
-                    " Or pass model= and loss_fn= to AlphaProbe, whose own "
-                    "recording sees keyword arguments."
-                    if self.hooks is None
-                    else ""
-                )
-            )
+            raise CurvatureError(f"Curvatures {names}: {UNSEEN_TARGET}{own_recording}")
         if len({id(t.module) for t in trace}) != len(trace):
             raise CurvatureError(
                 f"Curvatures {names}: a module ran more than once in the closure "
