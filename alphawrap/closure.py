@@ -164,7 +164,7 @@ class ClosureSession:
         self.label = "the closure"
 
     def __enter__(self) -> ClosureSession:
-        self.backup = GradBackup(self.params)
+        self.backup = GradBackup(self.params, self.probe._copy_pool())
         self.probe._cleanup(self.params)
         # One stack for everything entered, so that a failure while entering
         # (or _close) undoes exactly what was entered, in reverse order.

@@ -29,7 +29,10 @@ packed copies of ``d`` and ``g`` then hold at most 8 MB (float32)."""
 
 
 def step_products(
-    directions: Sequence[Tensor], grads: Sequence[Tensor | None], acc: torch.dtype
+    directions: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    acc: torch.dtype,
+    pool: CopyPool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dᵀg, ‖d‖², ‖g‖²)`` over all blocks, as 0-d tensors of dtype ``acc``.
 
@@ -41,7 +44,8 @@ def step_products(
     is the number of kernel launches, not the arithmetic. Above it, no block is
     copied (a packed copy of ``d`` and ``g`` would cost twice the parameters'
     memory): two fused norms and one dot product per block, with at most one
-    block converted to ``acc`` at a time.
+    block converted to ``acc`` at a time. With a ``pool`` the packed copies go
+    into buffers kept across steps (see :class:`CopyPool`).
 
     Example:
         >>> d = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
@@ -49,13 +53,19 @@ def step_products(
         >>> [t.item() for t in step_products(d, g, torch.float32)]
         [3.0, 14.0, 2.0]
     """
-    if _packable(directions, grads, acc):
-        packed_d = torch.cat([d.reshape(-1) for d in directions])
-        packed_g = torch.cat(
+    total = _packed_size(directions, grads, acc)
+    if total:
+        device = directions[0].device
+        packed_d = _cat([d.reshape(-1) for d in directions], pool, "d", total, device)
+        packed_g = _cat(
             [
                 (torch.zeros_like(d) if g is None else g).reshape(-1)
                 for d, g in zip(directions, grads)
-            ]
+            ],
+            pool,
+            "g",
+            total,
+            device,
         )
         return (
             torch.dot(packed_d, packed_g),
@@ -75,38 +85,158 @@ def step_products(
     return slope.sum(), dd, torch.sum(gg * gg)
 
 
-def _packable(
+def _packed_size(
     directions: Sequence[Tensor], grads: Sequence[Tensor | None], acc: torch.dtype
-) -> bool:
-    """Whether all blocks fit one packed buffer of dtype ``acc`` on one device."""
+) -> int:
+    """Size of the packed buffer (one dtype ``acc``, one device), else 0."""
     if not directions:
-        return False
+        return 0
     device = directions[0].device
     total = 0
     for d, g in zip(directions, grads):
         if d.dtype != acc or d.device != device:
-            return False
+            return 0
         if g is not None and (g.dtype != acc or g.device != device):
-            return False
+            return 0
         total += d.numel()
-    return total <= PACK_LIMIT
+    return total if total <= PACK_LIMIT else 0
+
+
+def _cat(
+    parts: list[Tensor],
+    pool: CopyPool | None,
+    key: str,
+    total: int,
+    device: torch.device,
+) -> Tensor:
+    out = (
+        None
+        if pool is None
+        else pool.scratch(("packed", key), total, parts[0].dtype, device)
+    )
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
+
+
+POOL_MIN = 1 << 18
+"""Tensors of at least this many elements (1 MiB in float32): :class:`CopyPool`
+keeps their copies' buffers."""
+
+POOL_TOTAL = 1 << 19
+"""Parameters of at least this many elements in all: :class:`CopyPool` also keeps
+the buffers of tensors from :data:`POOL_SMALL` elements up."""
+
+POOL_SMALL = 1 << 12
+
+
+class CopyPool:
+    """Copy buffers kept from one probed step to the next.
+
+    A probed step copies θ₀, the optimizer state, the gradients (for a rollback)
+    and forms ``d``: several copies of the parameters. On CPU, a fresh tensor that
+    glibc serves from new memory faults in page by page, which costs several times
+    the copy itself. That happens for large tensors, and for many medium ones
+    (the step's copies then outgrow what the allocator keeps for reuse);
+    otherwise a fresh clone comes from memory the step before just freed, still
+    in cache, and a kept buffer is no faster (measured on MLPs of 26 k to 1.1 M
+    parameters: ``benchmarks/copy_pool.py``). So the pool keeps one
+    buffer per slot for tensors of :data:`POOL_MIN` elements and up, and from
+    :data:`POOL_SMALL` up once the parameters hold :data:`POOL_TOTAL` elements in
+    all (:attr:`small`, set by the probe); it copies into the buffer while shape,
+    dtype and device stay the same. A buffer handed to the optimizer or the
+    parameters (a rollback) must not be reused: :meth:`clear` drops them all. On
+    CUDA the caching allocator already hands freed memory back without faults, so
+    GPU tensors are cloned and no memory is held between steps.
+
+    Example:
+        >>> pool = CopyPool()
+        >>> t = torch.ones(POOL_MIN)
+        >>> first = pool.copy(("theta", 0), t)
+        >>> pool.copy(("theta", 0), 2 * t) is first
+        True
+        >>> bool(first[0] == 2)
+        True
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[Any, Tensor] = {}
+        self.small = False
+        """Whether tensors from :data:`POOL_SMALL` elements up are kept too."""
+
+    def _min(self) -> int:
+        return POOL_SMALL if self.small else POOL_MIN
+
+    def keeps(self, tensor: Tensor) -> bool:
+        """Whether copies of ``tensor`` go into a kept buffer (else: a clone)."""
+        return (
+            tensor.numel() >= self._min()
+            and tensor.device.type == "cpu"  # CUDA's caching allocator reuses memory
+            and not tensor.requires_grad
+            and tensor.layout == torch.strided
+            and tensor.is_contiguous()
+        )
+
+    def scratch(
+        self, key: Any, numel: int, dtype: torch.dtype, device: torch.device
+    ) -> Tensor | None:
+        """A kept 1-d buffer of ``numel`` elements to write into, if worth keeping."""
+        if numel < self._min() or device.type != "cpu":
+            return None
+        buffer = self._slots.get(key)
+        if buffer is None or buffer.shape != (numel,) or buffer.dtype != dtype:
+            buffer = self._slots[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer
+
+    def copy(self, key: Any, tensor: Tensor) -> Tensor:
+        """An independent copy of ``tensor`` (the slot's buffer if it fits)."""
+        if not self.keeps(tensor):
+            return tensor.clone()
+        buffer = self._slots.get(key)
+        if (
+            buffer is None
+            or buffer.shape != tensor.shape
+            or buffer.dtype != tensor.dtype
+            or buffer.device != tensor.device
+        ):
+            buffer = self._slots[key] = torch.empty_like(
+                tensor, memory_format=torch.contiguous_format
+            )
+        return buffer.copy_(tensor)
+
+    def clear(self) -> None:
+        """Drop every buffer (after a rollback handed some of them over)."""
+        self._slots.clear()
+
+
+def _clone(tensor: Tensor, pool: CopyPool | None, key: Any) -> Tensor:
+    return tensor.clone() if pool is None else pool.copy(key, tensor)
 
 
 class GradBackup:
     """Hold the gradients as they were before a closure runs, to restore them.
 
-    Gradients that exist are cloned (a closure may zero or accumulate into them in
-    place); ``None`` gradients are remembered as ``None``.
+    Gradients that exist are copied (a closure may zero or accumulate into them
+    in place); ``None`` gradients are remembered as ``None``.
+
+    Args:
+        params: The parameters.
+        pool: Keeps the copies' buffers across steps (see :class:`CopyPool`).
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], pool: CopyPool | None = None) -> None:
         self._params = params
-        self._grads = [None if p.grad is None else p.grad.clone() for p in params]
+        self._pool = pool
+        with torch.no_grad():
+            self._grads = [
+                None if p.grad is None else _clone(p.grad, pool, ("grad", i))
+                for i, p in enumerate(params)
+            ]
 
     def restore(self) -> None:
         """Put the backed-up gradients back."""
         for p, g in zip(self._params, self._grads):
             p.grad = g
+        if self._pool is not None:
+            self._pool.clear()  # the parameters own those buffers now
 
 
 class BackwardMonitor:
@@ -189,8 +319,17 @@ def _copy(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
-    return {k: _copy(v) for k, v in state.items()}
+def _clone_state(
+    state: dict[str, Any], pool: CopyPool | None = None, index: int = 0
+) -> dict[str, Any]:
+    if pool is None:
+        return {k: _copy(v) for k, v in state.items()}
+    return {
+        k: pool.copy(("state", index, k), v)
+        if type(v) is Tensor  # not a subclass: those keep their own copy semantics
+        else _copy(v)
+        for k, v in state.items()
+    }
 
 
 class StepTransaction:
@@ -204,18 +343,27 @@ class StepTransaction:
     Args:
         optimizer: The inner optimizer.
         params: All parameters of its groups, in order.
+        pool: Keeps the copies' buffers across steps (see :class:`CopyPool`).
     """
 
-    def __init__(self, optimizer: Optimizer, params: Sequence[Tensor]) -> None:
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        params: Sequence[Tensor],
+        pool: CopyPool | None = None,
+    ) -> None:
         self._optimizer = optimizer
         self.params = params
+        self._pool = pool
         with torch.no_grad():
-            self.theta0 = [p.clone() for p in params]
-        self._had_state = [p in optimizer.state for p in params]
-        self._state = [
-            _clone_state(optimizer.state[p]) if had else None
-            for p, had in zip(params, self._had_state)
-        ]
+            self.theta0 = [
+                _clone(p.detach(), pool, ("theta", i)) for i, p in enumerate(params)
+            ]
+            self._had_state = [p in optimizer.state for p in params]
+            self._state = [
+                _clone_state(optimizer.state[p], pool, i) if had else None
+                for i, (p, had) in enumerate(zip(params, self._had_state))
+            ]
         self._group_settings = [
             {k: _copy(v) for k, v in g.items() if k != "params"}
             for g in optimizer.param_groups
@@ -230,7 +378,14 @@ class StepTransaction:
         with torch.no_grad():
             # Aliases of the storage that holds θ₁ (the parameters' own).
             self._theta1 = [p.detach() for p in self.params]
-            self.directions = torch._foreach_sub(self._theta1, self.theta0)
+            pool = self._pool
+            if pool is None or not any(pool.keeps(t) for t in self._theta1):
+                self.directions = torch._foreach_sub(self._theta1, self.theta0)
+            else:  # θ₁ copied into kept buffers, θ₀ subtracted: the same numbers
+                self.directions = [
+                    pool.copy(("d", i), t) for i, t in enumerate(self._theta1)
+                ]
+                torch._foreach_sub_(self.directions, self.theta0)
 
     def swap(self) -> None:
         """Point the parameters at ``θ₀`` or back at ``θ₁`` (no copy)."""
@@ -268,6 +423,8 @@ class StepTransaction:
                 state[p] = saved
             else:
                 state.pop(p, None)
+        if self._pool is not None:
+            self._pool.clear()  # the optimizer owns the state's buffers now
         for g, saved in zip(self._optimizer.param_groups, self._group_settings):
             for key in [k for k in g if k != "params" and k not in saved]:
                 del g[key]  # a key the failed step added

@@ -44,7 +44,13 @@ from alphawrap.closure import (
 )
 from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
-from alphawrap.direction import BackwardMonitor, StepTransaction, step_products
+from alphawrap.direction import (
+    POOL_TOTAL,
+    BackwardMonitor,
+    CopyPool,
+    StepTransaction,
+    step_products,
+)
 from alphawrap.distributed import DistributedReducer
 from alphawrap.errors import ClosureError, CurvatureError, ProbeError
 from alphawrap.history import History, ProbeRecord
@@ -299,6 +305,7 @@ class AlphaProbe(Optimizer):
         self._step_count = 0
         self._pending: Pending | None = None
         self._monitor: BackwardMonitor | None = None
+        self._pool = CopyPool()
         self._record_callbacks: list[Callable[[ProbeRecord], None]] = []
         self._options = ApplyOptions.validate(
             truth_every=truth_every,
@@ -405,6 +412,7 @@ class AlphaProbe(Optimizer):
         state.pop("step", None)
         state.pop("_pending", None)
         state.pop("_monitor", None)  # hooks on the original's parameters
+        state.pop("_pool", None)  # scratch buffers, refilled every step
         # Like torch.optim.Optimizer, a copy carries no hooks and no record
         # callbacks (they close over the original: a TensorBoard writer, a
         # lambda that does not pickle); register them on the copy.
@@ -429,6 +437,7 @@ class AlphaProbe(Optimizer):
             self._param_names = {id(p): n for n, p in self._model.named_parameters()}
         self._pending = None
         self._monitor = None
+        self._pool = CopyPool()
         for name in _HOOK_DICTS:
             setattr(self, name, OrderedDict())
         self._patch_step_function()
@@ -687,7 +696,7 @@ class AlphaProbe(Optimizer):
         transaction: StepTransaction | None = None
         stage = "taking the snapshot of parameters and optimizer state raised"
         try:
-            transaction = StepTransaction(self.inner, params)
+            transaction = StepTransaction(self.inner, params, self._copy_pool())
             stage = self._inner_stage()
             transaction.take_inner_step()
             transaction.swap()  # parameters now hold θ₀ (BackPACK reads live weights)
@@ -756,7 +765,7 @@ class AlphaProbe(Optimizer):
         acc = self._accumulate_dtype(params)
         device = directions[0].device
         grads = [p.grad if i in pending.reached else None for i, p in enumerate(params)]
-        slope, dd, gg = step_products(directions, grads, acc)
+        slope, dd, gg = step_products(directions, grads, acc, self._copy_pool())
         ctx = self._context(params, directions, pending.reached, batch=pending.batch)
         quads = []  # one value per block for blockwise curvatures, else a scalar
         for c in self._curvatures:
@@ -1110,6 +1119,18 @@ class AlphaProbe(Optimizer):
         if self.interval > 1 and self._monitor is not None and not self._monitor.active:
             self._monitor.close()
             self._monitor = None
+
+    def _copy_pool(self) -> CopyPool | None:
+        """The step copies' buffers, kept while every step is probed.
+
+        Between probes (``interval > 1``) they would only hold memory.
+        """
+        if self.interval > 1:
+            self._pool.clear()
+            return None
+        total = sum(p.numel() for g in self.param_groups for p in g["params"])
+        self._pool.small = total >= POOL_TOTAL
+        return self._pool
 
     def _will_probe(self) -> bool:
         return self._step_count % self.interval == 0

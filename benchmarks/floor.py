@@ -6,8 +6,8 @@ batch (median of the per-pair ratios), the parts no implementation of the probe
 can skip, with *no* orchestration around them (no hooks API, no validation, no
 history, no rollback logic):
 
-* ``record``: the closure with the activations and output gradients kept
-  (``retain_grad`` on every module output) minus the plain closure;
+* ``record``: the closure with the activations and the output gradients the
+  sweeps read kept (``retain_grad``) minus the plain closure;
 * ``snapshot``: what an all-or-nothing step must copy before the inner step (θ₀
   and the optimizer state) plus ``d = θ₁ - θ₀``;
 * ``block sweep``: every block quadratic of the block-diagonal Hessian (the
@@ -17,7 +17,26 @@ history, no rollback logic):
 * ``exact Hessian``: the same plus the residual and bilinear cross terms.
 
 The floor of a target is ``1 + record + snapshot + <its curvature part>``: what a
-probe would cost if all the rest were free. ::
+probe would cost if all the rest were free.
+
+Summed parts are each timed warm, in a tight loop. A probe step runs them once
+each, one after the other, with colder caches. So the script also times *whole*
+bare ``"hessian-exact"`` steps in shuffled rounds next to the plain step and
+the real probe (``AlphaProbe(..., curvature="hessian-exact", model=, loss_fn=)``):
+
+* ``bare step``: a straight-line observe-mode probe step with nothing but the
+  arithmetic (``tests/test_benchmarks.py`` checks that it computes the
+  probe's numbers). It copies the gradients (their backup) and then runs the recorded
+  closure. It copies θ₀ and the optimizer state, takes the inner step, forms
+  ``d`` and points the parameters at θ₀. Then it runs the exact-Hessian sweep
+  and forms ``dᵀg``, ``‖d‖²``, ``‖g‖²``, with one host transfer for all of
+  them, and points the parameters back at θ₁;
+* ``bare step, unguarded``: the same without the gradient backup and the
+  optimizer-state copy (a step that could not be undone).
+
+What separates ``probe`` from ``bare step`` is the probe's orchestration: the
+hooks API instead of ``retain_grad``, the checks that explain bad input, the
+batch kept for the replay fallback, the record and its history. ::
 
     python benchmarks/floor.py --pairs 60
 """
@@ -25,6 +44,7 @@ probe would cost if all the rest were free. ::
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -34,8 +54,9 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from problems import PROBLEMS, write_results
+from problems import PROBLEMS, shuffled_ratios, write_results
 
+from alphawrap import AlphaProbe
 from alphawrap.curvature.rules import FAST_RULES
 from alphawrap.curvature.sweep import _Trace
 
@@ -71,18 +92,67 @@ class Bare:
         self.loss_fn(self.model(self.x), self.y).backward()
 
     def record(self) -> None:
-        """The closure, keeping every module's input, output and output gradient."""
+        """The closure, keeping every module's input and output, and the output
+        gradients the sweeps read: at a module with a second derivative (Tanh)
+        and, for the exact Hessian's cross terms, at a Linear or Conv layer that a
+        tangent reaches (not the first)."""
         self.opt.zero_grad()
-        h, self.traces = self.x, []
+        h, self.traces, reached = self.x, [], False
         for m in self.model:
             out = m(h)
-            out.retain_grad()
+            bilinear = isinstance(m, (nn.Linear, nn.Conv2d))
+            if (bilinear and reached) or not FAST_RULES[type(m)](None).residual_is_zero(
+                None
+            ):
+                out.retain_grad()
+            reached = reached or bilinear
             self.traces.append(_Trace(m, None, (h,), out, (None,), (None,)))
             h = out
-        self.loss_fn(h, self.y).backward()
+        loss = self.loss_fn(h, self.y)
+        loss.backward()
         for t in self.traces:
-            t.g_out = (t.output.grad,)
+            t.g_out = (t.output.grad if t.output.retains_grad else None,)
         self.logits = h.detach()
+        self.loss = loss.detach()
+
+    def whole_step(self, guarded: bool = True) -> list[float]:
+        """One bare observe-mode ``"hessian-exact"`` probe step.
+
+        Returns:
+            ``[loss, dᵀg, ‖d‖², ‖g‖², dᵀHd]``, read in one host transfer (``α* =
+            -dᵀg / dᵀHd``, a float division, is left out).
+        """
+        params, opt = self.params, self.opt
+        with torch.no_grad():
+            if guarded:  # what a failed step would restore
+                _ = [None if p.grad is None else p.grad.clone() for p in params]
+        with torch.enable_grad():
+            self.record()
+        with torch.no_grad():
+            theta0 = [p.clone() for p in params]
+            if guarded:
+                _ = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+        opt.step()
+        with torch.no_grad():
+            theta1 = [p.detach() for p in params]
+            d = torch._foreach_sub(theta1, theta0)
+            for p, t in zip(params, theta0):
+                p.data = t
+            quadratic = self.sweep(exact=True, hessian=True, directions=d)
+            packed_d = torch.cat([t.reshape(-1) for t in d])
+            packed_g = torch.cat([p.grad.reshape(-1) for p in params])
+            numbers = torch.stack(
+                [
+                    self.loss,
+                    packed_d @ packed_g,
+                    packed_d @ packed_d,
+                    packed_g @ packed_g,
+                    quadratic,
+                ]
+            ).tolist()
+            for p, t in zip(params, theta1):
+                p.data = t
+        return numbers
 
     def snapshot(self) -> None:
         with torch.no_grad():
@@ -98,8 +168,11 @@ class Bare:
         w = tangents * p
         return (w * tangents).flatten(1).sum(1) - (w.sum(2) ** 2).flatten(1).sum(1)
 
-    def sweep(self, exact: bool, hessian: bool) -> Tensor:
-        """Block quadratics (``exact=False``) or the one total tangent."""
+    def sweep(
+        self, exact: bool, hessian: bool, directions: list[Tensor] | None = None
+    ) -> Tensor:
+        """Block quadratics (``exact=False``) or the exact ``dᵀCd`` (``exact=True``)."""
+        d = self.d if directions is None else directions
         tangents, extra, k = None, [], 0
         for t in self.traces:
             rule = FAST_RULES[type(t.module)](None)
@@ -111,7 +184,7 @@ class Bare:
                     extra.append(squares @ r)
                 tangents = rule.jac(t, tangents)
             if isinstance(t.module, (nn.Linear, nn.Conv2d)):
-                dw, db = self.d[k], self.d[k + 1]
+                dw, db = d[k], d[k + 1]
                 k += 2
                 new = [rule.param_jac(t, "weight", dw), rule.param_jac(t, "bias", db)]
                 if exact and hessian and tangents is not None:
@@ -122,7 +195,11 @@ class Bare:
                     tangents = step if tangents is None else tangents + step
                 else:
                     tangents = torch.cat(new if tangents is None else [tangents, *new])
-        return self._loss_quadratic(tangents)
+        if not exact:
+            return self._loss_quadratic(tangents)
+        # The mean loss: its Hessian carries 1/N; δ (residuals, cross terms) too.
+        total = self._loss_quadratic(tangents).sum() / self.x.shape[0]
+        return sum((e.sum() for e in extra), total)
 
 
 def _ratio(bare: Bare, part, pairs: int, baseline=None) -> float:
@@ -140,6 +217,41 @@ def _ratio(bare: Bare, part, pairs: int, baseline=None) -> float:
         if i >= 3:
             ratios.append(((t2 - t1) - (t3 - t2)) / (t1 - t0))
     return statistics.median(ratios)
+
+
+def probe_twin(problem, bare: Bare, batch: int = 128):
+    """The real probe on a copy of ``bare``'s model, optimizer state and batch."""
+    model, loss_fn, _, _ = problem.make(batch, extended=False)
+    model.load_state_dict(bare.model.state_dict())
+    probe = AlphaProbe(
+        torch.optim.Adam(model.parameters()),
+        curvature="hessian-exact",
+        model=model,
+        loss_fn=loss_fn,
+    )
+    # A deep copy: loading shares the state's tensors with ``bare``'s optimizer.
+    probe.inner.load_state_dict(copy.deepcopy(bare.opt.state_dict()))
+
+    def closure() -> Tensor:
+        probe.zero_grad()
+        loss = loss_fn(model(bare.x), bare.y)
+        loss.backward()
+        return loss
+
+    return probe, closure
+
+
+def whole_steps(problem, pairs: int) -> dict[str, float]:
+    """Whole bare steps and the real probe step over plain, in shuffled rounds."""
+    bare = Bare(problem)
+    probe, closure = probe_twin(problem, bare)
+    steps = {
+        "plain": bare.plain,
+        "probe": lambda: probe.step(closure),
+        "bare step": lambda: bare.whole_step(guarded=True),
+        "bare step, unguarded": lambda: bare.whole_step(guarded=False),
+    }
+    return shuffled_ratios(steps, pairs)
 
 
 def main(argv=None) -> None:
@@ -161,6 +273,7 @@ def main(argv=None) -> None:
             row["snapshot"] = _ratio(bare, bare.snapshot, args.pairs)
             row.update({k: _ratio(bare, f, args.pairs) for k, f in parts.items()})
         row["record"] = _ratio(bare, bare.record, args.pairs, baseline=bare.closure)
+        row.update(whole_steps(problem, args.pairs))
         base = 1 + row["record"] + row["snapshot"]
         targets = TARGETS[problem.name]
         for key, part, target in zip(

@@ -39,10 +39,7 @@ they exist only to be timed. ::
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
-import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -51,7 +48,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from problems import PROBLEMS, BenchProblem, write_results
+from problems import PROBLEMS, BenchProblem, shuffled_ratios, write_results
 
 import alphawrap.closure as closure_module
 import alphawrap.probe as probe_module
@@ -81,7 +78,9 @@ _UNSAVED: set[int] = set()  # first parameters of probes that back nothing up
 class _BareTransaction:
     """No copies: ``d`` is the parameters after the inner step (wrong, cheap)."""
 
-    def __init__(self, optimizer: Any, params: list[torch.Tensor]) -> None:
+    def __init__(
+        self, optimizer: Any, params: list[torch.Tensor], pool: Any = None
+    ) -> None:
         self._optimizer, self.params = optimizer, params
         self.directions: list[torch.Tensor] = []
 
@@ -101,7 +100,7 @@ class _BareTransaction:
 class _ReferenceBackup:
     """Keeps the gradient tensors, not copies (wrong if the closure accumulates)."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: list[torch.Tensor], pool: Any = None) -> None:
         self._params, self._grads = params, [p.grad for p in params]
 
     def restore(self) -> None:
@@ -109,10 +108,10 @@ class _ReferenceBackup:
             p.grad = g
 
 
-def _backup(params: list[torch.Tensor]) -> Any:
+def _backup(params: list[torch.Tensor], pool: Any = None) -> Any:
     if params and id(params[0]) in _UNSAVED:
         return _ReferenceBackup(params)
-    return _REAL_BACKUP(params)
+    return _REAL_BACKUP(params, pool)
 
 
 def _unchecked_chain(engine: Any) -> tuple[Any, list[Any]]:
@@ -122,10 +121,17 @@ def _unchecked_chain(engine: Any) -> tuple[Any, list[Any]]:
     return trace[0], trace[:0:-1]
 
 
-def _transaction(optimizer: Any, params: list[torch.Tensor]) -> Any:
+def _transaction(optimizer: Any, params: list[torch.Tensor], pool: Any = None) -> Any:
     if id(optimizer) in _BARE:
         return _BareTransaction(optimizer, params)
-    return _REAL_TRANSACTION(optimizer, params)
+    return _REAL_TRANSACTION(optimizer, params, pool)
+
+
+SWITCHES = [
+    (probe_module, "StepTransaction", _transaction),
+    (closure_module, "GradBackup", _backup),
+]
+"""What :func:`main` replaces so that single probes can drop a part."""
 
 
 def _remove(probe: AlphaProbe, parts: tuple[str, ...]) -> None:
@@ -177,20 +183,7 @@ def measure(problem: BenchProblem, curvature: str, pairs: int, seed: int = 0):
     """Median ratio to the plain step of the full probe and of each variant."""
     steps = {"plain": _stepper(problem, None)}
     steps.update({v: _stepper(problem, curvature, p) for v, p in VARIANTS.items()})
-    order = list(steps)
-    rng = random.Random(seed)
-    ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for round_ in range(pairs + 3):
-        rng.shuffle(order)
-        times = {}
-        for name in order:
-            t0 = time.perf_counter()
-            steps[name]()
-            times[name] = time.perf_counter() - t0
-        if round_ >= 3:  # warm-up
-            for v in VARIANTS:
-                ratios[v].append(times[v] / times["plain"])
-    return {v: statistics.median(r) for v, r in ratios.items()}
+    return shuffled_ratios(steps, pairs, seed)
 
 
 def parts_of(ratios: dict[str, float]) -> dict[str, float]:
@@ -214,8 +207,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/results/overhead_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    probe_module.StepTransaction = _transaction  # type: ignore[misc]
-    closure_module.GradBackup = _backup  # type: ignore[misc]
+    for module, name, switch in SWITCHES:
+        setattr(module, name, switch)
     rows = []
     for problem in PROBLEMS:
         for curvature in CURVATURES:

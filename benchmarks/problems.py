@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
+import random
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,3 +84,28 @@ def write_results(path: str | Path, fields: dict[str, Any]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
+
+
+def shuffled_ratios(
+    steps: dict[str, Callable[[], Any]], rounds: int, seed: int = 0, warmup: int = 3
+) -> dict[str, float]:
+    """Median over rounds of each step's time over the ``"plain"`` step's.
+
+    Each round runs every step once, in a random order: a fixed order biases such
+    comparisons by a few percent (a step pays for the cache misses of the step
+    before it). The first ``warmup`` rounds are not counted.
+    """
+    order = list(steps)
+    rng = random.Random(seed)
+    ratios: dict[str, list[float]] = {k: [] for k in steps if k != "plain"}
+    for round_ in range(rounds + warmup):
+        rng.shuffle(order)
+        times = {}
+        for name in order:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name] = time.perf_counter() - t0
+        if round_ >= warmup:
+            for k in ratios:
+                ratios[k].append(times[k] / times["plain"])
+    return {k: statistics.median(r) for k, r in ratios.items()}

@@ -6,8 +6,9 @@ the per-pair time ratios is reported; absolute times are not comparable across
 runs on a shared machine, ratios measured side by side are. Also measured:
 
 * ``interval=10``: the steps *between* probes (the probe is then a plain step);
-* scaling of the default curvature's ratio with depth (3-24 Tanh layers), width
-  and batch size, and of ``ggn-exact`` with depth;
+* scaling of the ratio with depth (3-24 Tanh layers; the default curvature and
+  ``ggn-exact``), and with width and batch size (the default, ``ggn-exact`` and
+  ``hessian-exact``);
 * peak memory of a probe step and of a plain step: ``torch.cuda.max_memory_allocated``
   on CUDA; on CPU the allocations and frees recorded by ``torch.profiler``,
   replayed in time order (CPU tensors have no allocator statistics).
@@ -242,25 +243,32 @@ def main(argv=None):
                             problem, selections[label], pairs, args.device
                         ),
                     )
+        scaled = [
+            k for k in ("hessian", "ggn-exact", "hessian-exact") if k in selections
+        ]
         for width in (32, 128, 512):
             problem = BenchProblem(
                 f"tanh-width-{width}", lambda w=width: tanh_mlp(6, w)
             )
-            report(
-                "scaling",
-                axis="width",
-                value=width,
-                curvature="hessian",
-                ratio=time_ratio(problem, ("hessian",), pairs, args.device),
-            )
+            for label in scaled:
+                report(
+                    "scaling",
+                    axis="width",
+                    value=width,
+                    curvature=label,
+                    ratio=time_ratio(problem, selections[label], pairs, args.device),
+                )
         for batch in (32, 128, 512):
-            report(
-                "scaling",
-                axis="batch",
-                value=batch,
-                curvature="hessian",
-                ratio=time_ratio(PROBLEMS[1], ("hessian",), pairs, args.device, batch),
-            )
+            for label in scaled:
+                report(
+                    "scaling",
+                    axis="batch",
+                    value=batch,
+                    curvature=label,
+                    ratio=time_ratio(
+                        PROBLEMS[1], selections[label], pairs, args.device, batch
+                    ),
+                )
     write_results(
         args.out,
         {

@@ -98,6 +98,19 @@ def make_run(
     return run
 
 
+@pytest.fixture(autouse=True, params=["clones", "kept buffers"])
+def copies(request, monkeypatch):
+    """Every test twice: snapshots cloned, and copied into kept buffers.
+
+    With ``POOL_MIN = 1`` every tensor of these small models goes through the
+    probe's :class:`~alphawrap.direction.CopyPool`, whose buffers a rollback
+    hands to the optimizer and the parameters.
+    """
+    if request.param == "kept buffers":
+        monkeypatch.setattr("alphawrap.direction.POOL_MIN", 1)
+    return request.param
+
+
 def _raiser(error: BaseException):
     def raise_(*args: Any, **kwargs: Any) -> None:
         raise error
@@ -247,3 +260,56 @@ def test_failure_in_a_capture_block_restores_gradients():
         run.loss_fn(run.model(run.x), run.y).backward()
         raise KeyboardInterrupt
     snapshot.assert_same(run.probe)
+
+
+@pytest.mark.parametrize("inner", ["flaky", "adam"])
+def test_failed_steps_in_a_row_change_nothing(inner, monkeypatch):
+    """A rollback hands the snapshot's tensors to the optimizer: the next step
+    must not copy into them (with kept buffers) or its own rollback restores
+    what the failed step wrote."""
+    run = make_run(inner=inner)
+    snapshot = Snapshot(run.probe)
+    with monkeypatch.context() as patch:
+        patch.setattr(REGISTRY["ggn"], "quadratic", _raiser(RuntimeError("injected")))
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="injected"):
+                run.probe.step(run.closure())
+    snapshot.assert_same(run.probe)
+    run.probe.step(run.closure())
+    assert_same_run(run, make_run(inner=inner, warmup=3))
+
+
+def test_failed_closures_in_a_row_restore_gradients_zeroed_in_place():
+    """The same for the gradient backup, with a closure that zeroes the restored
+    gradients in place before its backward."""
+    run = make_run()
+    snapshot = Snapshot(run.probe)
+
+    def closure() -> torch.Tensor:
+        run.probe.zero_grad(set_to_none=False)
+        run.loss_fn(run.model(run.x), run.y).backward()
+        raise RuntimeError("injected")
+
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="injected"):
+            run.probe.step(closure)
+    snapshot.assert_same(run.probe)
+
+
+@pytest.mark.parametrize("inner", ["flaky", "adam"])
+def test_skipped_steps_in_a_row_undo_the_inner_step(inner, monkeypatch):
+    """Apply mode's ``fallback="skip"`` rolls the inner step back without any
+    failure (the closure's gradients stay): twice in a row, parameters and
+    optimizer state stay as they were."""
+    run = make_run(inner=inner, mode="apply", fallback="skip")
+    snapshot = Snapshot(run.probe)
+
+    def negative(self, ctx):  # no positive curvature: α* undefined
+        return torch.full((len(ctx.params),), -1.0)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(REGISTRY["hessian"], "quadratic", negative)
+        for _ in range(2):
+            run.probe.step(run.closure())
+    assert [r.action for r in run.probe.history][-2:] == ["skip", "skip"]
+    assert set(snapshot.differences(run.probe)) <= {"history", "step_count", "grads"}

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from alphawrap import AlphaProbe
-from tests._state import hook_counts
+from alphawrap.direction import POOL_MIN, POOL_SMALL, CopyPool
+from tests._state import hook_counts, same_bits
 
 IN, HIDDEN, OUT, BATCH = 4, 6, 3, 8
 STEPS = 100
@@ -458,17 +459,23 @@ def test_mode_toggled_between_steps():
         (torch.bfloat16, 1 << 24, False),  # accumulated in float32: per block
     ],
 )
-def test_step_products_packs_small_models_only(monkeypatch, dtype, limit, packed):
+@pytest.mark.parametrize("pooled", [False, True], ids=["fresh", "kept buffers"])
+def test_step_products_packs_small_models_only(
+    monkeypatch, dtype, limit, packed, pooled
+):
     """dᵀg, ‖d‖², ‖g‖² match a float64 reference. Only up to ``PACK_LIMIT``
     elements are the blocks concatenated (a concatenation copies all of d and g:
     twice the parameters' memory); above it, or for a dtype accumulated in a wider
-    one, the products are taken per block."""
+    one, the products are taken per block. With a pool, the packed copies go into
+    its buffers, the same on every call."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from alphawrap import direction
     from alphawrap.direction import step_products
 
     monkeypatch.setattr(direction, "PACK_LIMIT", limit)
+    monkeypatch.setattr(direction, "POOL_MIN", 1)
+    pool = CopyPool() if pooled else None
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -487,8 +494,14 @@ def test_step_products_packs_small_models_only(monkeypatch, dtype, limit, packed
     gs[1] = None  # a block without gradient counts in ‖d‖² only
     acc = torch.promote_types(dtype, torch.float32)
     with Ops() as ops:
-        slope, dd, gg = step_products(ds, gs, acc)
+        slope, dd, gg = step_products(ds, gs, acc, pool)
     assert ops.names.count("cat") == (2 if packed else 0)
+    if pooled:
+        kept = dict(pool._slots)
+        assert len(kept) == (2 if packed else 0)
+        again = step_products(ds, gs, acc, pool)
+        assert all(torch.equal(a, b) for a, b in zip(again, (slope, dd, gg)))
+        assert all(pool._slots[k] is v for k, v in kept.items())
     ref = [(d.double(), None if g is None else g.double()) for d, g in zip(ds, gs)]
     tol = (
         {"rtol": 1e-12, "atol": 1e-12}
@@ -632,3 +645,110 @@ def test_monitor_follows_parameters_frozen_or_unfrozen_between_steps():
     assert all(g is not None for g in grads)
     assert probe.history[-1].grad_norm == pytest.approx(expected.item(), rel=1e-6)
     assert sum(hook_counts(params)) == len(params)
+
+
+# ------------------------------------------------- copies into kept buffers
+def test_copy_pool_reuses_fitting_buffers_and_clones_the_rest():
+    pool = CopyPool()
+    big = torch.arange(float(POOL_MIN))
+    first = pool.copy("a", big)
+    assert torch.equal(first, big) and first.data_ptr() != big.data_ptr()
+    again = pool.copy("a", big + 1)
+    assert again is first and torch.equal(again, big + 1)  # reused, refilled
+    other = pool.copy("a", big.double())  # another dtype: a new buffer
+    assert other is not first and other.dtype == torch.float64
+    assert pool.copy("b", big) is not other  # one buffer per slot
+    for tensor in (  # cloned, never pooled
+        torch.ones(3),
+        torch.ones(POOL_MIN, requires_grad=True),
+        torch.ones(2, POOL_MIN).t(),
+    ):
+        copy_ = pool.copy("c", tensor)
+        assert torch.equal(copy_, tensor) and pool.copy("c", tensor) is not copy_
+    pool.clear()
+    assert pool.copy("a", big) is not again
+    medium = torch.ones(POOL_SMALL)  # kept only once the parameters are large
+    assert not pool.keeps(medium)
+    pool.small = True
+    assert pool.keeps(medium) and pool.copy("m", medium) is pool.copy("m", medium)
+
+
+def test_probe_keeps_medium_tensors_of_large_models_only(monkeypatch):
+    probe, _, _ = _probe_and_closure(interval=1)
+    assert not probe._copy_pool().small
+    monkeypatch.setattr("alphawrap.probe.POOL_TOTAL", 1)
+    assert probe._copy_pool().small
+
+
+def _big_probe(interval: int = 1, mode: str = "apply"):
+    """Adam on a model with one weight above POOL_MIN elements."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 3))
+    assert model[0].weight.numel() >= POOL_MIN
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(16, 512), torch.randint(0, 3, (16,))
+    probe = AlphaProbe(
+        torch.optim.Adam(model.parameters(), lr=0.01),
+        curvature="hessian-exact",
+        model=model,
+        loss_fn=loss_fn,
+        mode=mode,
+        interval=interval,
+    )
+
+    def closure():
+        probe.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return probe, closure, model
+
+
+@pytest.mark.parametrize("mode", ["observe", "apply"])
+def test_kept_buffers_take_the_same_steps_as_clones(mode):
+    """θ₀, the optimizer state, the gradients and ``d`` of large parameters, and
+    the packed ``d`` and ``g``, are copied into buffers kept from the step before:
+    the same steps, bit for bit, as with fresh clones, and the buffers are
+    reused."""
+    probe, closure, model = _big_probe(mode=mode)
+    ref, ref_closure, ref_model = _big_probe(mode=mode)
+    ref._copy_pool = lambda: None  # fresh clones every step
+    kept: dict = {}
+    for step in range(4):
+        probe.step(closure)
+        ref.step(ref_closure)
+        assert same_bits(list(model.parameters()), list(ref_model.parameters()))
+        assert_same_optimizer(probe.inner, ref.inner, f"step {step}")
+        slots = probe._pool._slots
+        # Adam's state and the gradients exist from the second step on.
+        pooled = {("theta", 0), ("d", 0), ("packed", "d"), ("packed", "g")}
+        if step:
+            pooled |= {("state", 0, "exp_avg"), ("state", 0, "exp_avg_sq")}
+            pooled |= {("grad", 0)}
+        assert set(slots) == pooled  # the small tensors are cloned
+        assert all(slots[k] is v for k, v in kept.items())  # reused, refilled
+        kept = dict(slots)
+    assert probe.history.to_dicts() == ref.history.to_dicts()
+    assert all(
+        r.action == ("alpha" if mode == "apply" else "inner") for r in probe.history
+    )
+    assert not copy.deepcopy(probe)._pool._slots  # a copy starts without them
+
+
+def test_kept_buffers_are_dropped_between_probes():
+    probe, closure, _ = _big_probe(interval=2)
+    for _ in range(4):
+        probe.step(closure)
+        assert not probe._pool._slots
+    assert len(probe.history) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_copy_pool_clones_cuda_tensors():
+    """CUDA's caching allocator reuses freed memory without page faults: the pool
+    would only hold memory between steps."""
+    big = torch.ones(POOL_MIN, device="cuda")
+    pool = CopyPool()
+    assert not pool.keeps(big)
+    assert pool.copy("a", big) is not pool.copy("a", big)
