@@ -159,6 +159,7 @@ class CopyPool:
 
     def __init__(self) -> None:
         self._slots: dict[Any, Tensor] = {}
+        self._used: set[Any] = set()
         self.small = False
         """Whether tensors from :data:`POOL_SMALL` elements up are kept too."""
 
@@ -181,6 +182,7 @@ class CopyPool:
         """A kept 1-d buffer of ``numel`` elements to write into, if worth keeping."""
         if numel < self._min() or device.type != "cpu":
             return None
+        self._used.add(key)
         buffer = self._slots.get(key)
         if buffer is None or buffer.shape != (numel,) or buffer.dtype != dtype:
             buffer = self._slots[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -190,6 +192,7 @@ class CopyPool:
         """An independent copy of ``tensor`` (the slot's buffer if it fits)."""
         if not self.keeps(tensor):
             return tensor.clone()
+        self._used.add(key)
         buffer = self._slots.get(key)
         if (
             buffer is None
@@ -203,8 +206,19 @@ class CopyPool:
         return buffer.copy_(tensor)
 
     def clear(self) -> None:
-        """Drop every buffer (after a rollback handed some of them over)."""
+        """Drop every buffer (before a rollback hands some of them over)."""
         self._slots.clear()
+        self._used.clear()
+
+    def release_unused(self) -> None:
+        """Drop the buffers no copy used since the last call (end of a step).
+
+        A tensor that stops qualifying (made non-contiguous, moved to a GPU,
+        frozen) no longer uses its slots; they would hold memory for nothing.
+        """
+        for key in [k for k in self._slots if k not in self._used]:
+            del self._slots[key]
+        self._used.clear()
 
 
 def _clone(tensor: Tensor, pool: CopyPool | None, key: Any) -> Tensor:
@@ -225,18 +239,19 @@ class GradBackup:
     def __init__(self, params: Sequence[Tensor], pool: CopyPool | None = None) -> None:
         self._params = params
         self._pool = pool
-        with torch.no_grad():
-            self._grads = [
-                None if p.grad is None else _clone(p.grad, pool, ("grad", i))
-                for i, p in enumerate(params)
-            ]
+        # Not under no_grad: a gradient made with create_graph=True keeps its graph
+        # (the pool copies only gradients that require none).
+        self._grads = [
+            None if p.grad is None else _clone(p.grad, pool, ("grad", i))
+            for i, p in enumerate(params)
+        ]
 
     def restore(self) -> None:
         """Put the backed-up gradients back."""
+        if self._pool is not None:
+            self._pool.clear()  # the parameters will own those buffers
         for p, g in zip(self._params, self._grads):
             p.grad = g
-        if self._pool is not None:
-            self._pool.clear()  # the parameters own those buffers now
 
 
 class BackwardMonitor:
@@ -359,11 +374,11 @@ class StepTransaction:
             self.theta0 = [
                 _clone(p.detach(), pool, ("theta", i)) for i, p in enumerate(params)
             ]
-            self._had_state = [p in optimizer.state for p in params]
-            self._state = [
-                _clone_state(optimizer.state[p], pool, i) if had else None
-                for i, (p, had) in enumerate(zip(params, self._had_state))
-            ]
+        self._had_state = [p in optimizer.state for p in params]
+        self._state = [  # state that requires grad keeps it (cloned, not pooled)
+            _clone_state(optimizer.state[p], pool, i) if had else None
+            for i, (p, had) in enumerate(zip(params, self._had_state))
+        ]
         self._group_settings = [
             {k: _copy(v) for k, v in g.items() if k != "params"}
             for g in optimizer.param_groups
@@ -410,6 +425,8 @@ class StepTransaction:
 
     def rollback(self) -> None:
         """Restore parameters and inner optimizer state as before the step."""
+        if self._pool is not None:
+            self._pool.clear()  # the optimizer will own the state's buffers
         if self._swapped:
             self.swap()
         with torch.no_grad():
@@ -423,8 +440,6 @@ class StepTransaction:
                 state[p] = saved
             else:
                 state.pop(p, None)
-        if self._pool is not None:
-            self._pool.clear()  # the optimizer owns the state's buffers now
         for g, saved in zip(self._optimizer.param_groups, self._group_settings):
             for key in [k for k in g if k != "params" and k not in saved]:
                 del g[key]  # a key the failed step added

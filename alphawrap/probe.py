@@ -725,10 +725,14 @@ class AlphaProbe(Optimizer):
             self._apply_state = self._next_state
             self._step_count += 1
         except BaseException as error:
-            self._distributed.abort(error)  # other processes must not wait for us
-            if transaction is not None:
-                transaction.rollback()
-            pending.backup.restore()
+            # Undo first: an interrupt while waiting in abort's collective must not
+            # leave the parameters pointed at θ₀'s (possibly kept) buffer.
+            try:
+                if transaction is not None:
+                    transaction.rollback()
+                pending.backup.restore()
+            finally:
+                self._distributed.abort(error)  # other processes must not wait
             if not noted(error):
                 note(error, stage)
             translated = (
@@ -741,6 +745,7 @@ class AlphaProbe(Optimizer):
             raise
         finally:
             self._cleanup(params)
+            self._pool.release_unused()
         for callback in self._record_callbacks:
             callback(record)
 

@@ -264,9 +264,11 @@ def test_failure_in_a_capture_block_restores_gradients():
 
 @pytest.mark.parametrize("inner", ["flaky", "adam"])
 def test_failed_steps_in_a_row_change_nothing(inner, monkeypatch):
-    """A rollback hands the snapshot's tensors to the optimizer: the next step
-    must not copy into them (with kept buffers) or its own rollback restores
-    what the failed step wrote."""
+    """A failed step hands the snapshot's tensors to the optimizer and the
+    gradient backup's to the parameters: the next step must not copy into them
+    (with kept buffers), or its own failure restores what the failed step wrote.
+    (The skipped steps below check the rollback's own hand-over, which has no
+    gradient restore after it.)"""
     run = make_run(inner=inner)
     snapshot = Snapshot(run.probe)
     with monkeypatch.context() as patch:
@@ -313,3 +315,21 @@ def test_skipped_steps_in_a_row_undo_the_inner_step(inner, monkeypatch):
             run.probe.step(run.closure())
     assert [r.action for r in run.probe.history][-2:] == ["skip", "skip"]
     assert set(snapshot.differences(run.probe)) <= {"history", "step_count", "grads"}
+
+
+def test_interrupt_while_telling_the_other_processes_still_undoes_the_step(
+    monkeypatch,
+):
+    """Under DDP a failed step joins the probe's collective (``abort``) so that
+    the other processes do not wait; an interrupt while it waits there must find
+    the step already undone, the parameters back in their own storage."""
+    run = make_run()
+    snapshot = Snapshot(run.probe)
+    with monkeypatch.context() as patch:
+        patch.setattr(REGISTRY["ggn"], "quadratic", _raiser(RuntimeError("injected")))
+        patch.setattr(run.probe._distributed, "abort", _raiser(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            run.probe.step(run.closure())
+    snapshot.assert_same(run.probe)
+    run.probe.step(run.closure())
+    assert_same_run(run, make_run(warmup=3))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from alphawrap import AlphaProbe
-from alphawrap.direction import POOL_MIN, POOL_SMALL, CopyPool
+from alphawrap.direction import POOL_MIN, POOL_SMALL, CopyPool, GradBackup
 from tests._state import hook_counts, same_bits
 
 IN, HIDDEN, OUT, BATCH = 4, 6, 3, 8
@@ -671,6 +671,23 @@ def test_copy_pool_reuses_fitting_buffers_and_clones_the_rest():
     assert not pool.keeps(medium)
     pool.small = True
     assert pool.keeps(medium) and pool.copy("m", medium) is pool.copy("m", medium)
+    assert not pool.keeps(torch.empty(POOL_MIN, device="meta"))  # CPU only
+    # A slot no copy used since the last step's end is dropped.
+    pool.release_unused()
+    kept = pool.copy("a", big)
+    pool.release_unused()
+    assert set(pool._slots) == {"a"} and pool.copy("a", big) is kept
+
+
+def test_grad_backup_keeps_a_gradient_graph():
+    """A gradient made with ``create_graph=True`` comes back with its graph."""
+    p = torch.ones(3, requires_grad=True)
+    (p * p).sum().backward(create_graph=True)
+    backup = GradBackup([p])
+    p.grad = None
+    backup.restore()
+    assert p.grad.requires_grad and p.grad.grad_fn is not None
+    assert torch.equal(p.grad.detach(), 2 * torch.ones(3))
 
 
 def test_probe_keeps_medium_tensors_of_large_models_only(monkeypatch):
@@ -734,6 +751,19 @@ def test_kept_buffers_take_the_same_steps_as_clones(mode):
         r.action == ("alpha" if mode == "apply" else "inner") for r in probe.history
     )
     assert not copy.deepcopy(probe)._pool._slots  # a copy starts without them
+
+
+def test_kept_buffers_of_a_tensor_that_stops_qualifying_are_dropped():
+    probe, closure, model = _big_probe()
+    for _ in range(2):
+        probe.step(closure)
+    assert ("theta", 0) in probe._pool._slots
+    with torch.no_grad():  # the same values, no longer contiguous
+        model[0].weight.data = model[0].weight.data.t().contiguous().t()
+    probe.step(closure)
+    assert ("theta", 0) not in probe._pool._slots
+    assert ("d", 0) not in probe._pool._slots
+    assert ("state", 0, "exp_avg") in probe._pool._slots  # Adam's own tensor
 
 
 def test_kept_buffers_are_dropped_between_probes():
