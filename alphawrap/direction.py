@@ -182,28 +182,29 @@ class CopyPool:
         """A kept 1-d buffer of ``numel`` elements to write into, if worth keeping."""
         if numel < self._min() or device.type != "cpu":
             return None
-        self._used.add(key)
-        buffer = self._slots.get(key)
-        if buffer is None or buffer.shape != (numel,) or buffer.dtype != dtype:
-            buffer = self._slots[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buffer
+        return self._buffer(key, torch.Size((numel,)), dtype, device)
 
     def copy(self, key: Any, tensor: Tensor) -> Tensor:
         """An independent copy of ``tensor`` (the slot's buffer if it fits)."""
         if not self.keeps(tensor):
             return tensor.clone()
+        buffer = self._buffer(key, tensor.shape, tensor.dtype, tensor.device)
+        return buffer.copy_(tensor)
+
+    def _buffer(
+        self, key: Any, shape: torch.Size, dtype: torch.dtype, device: torch.device
+    ) -> Tensor:
+        """The slot's contiguous buffer, new if it has none of this shape and type."""
         self._used.add(key)
         buffer = self._slots.get(key)
         if (
             buffer is None
-            or buffer.shape != tensor.shape
-            or buffer.dtype != tensor.dtype
-            or buffer.device != tensor.device
+            or buffer.shape != shape
+            or buffer.dtype != dtype
+            or buffer.device != device
         ):
-            buffer = self._slots[key] = torch.empty_like(
-                tensor, memory_format=torch.contiguous_format
-            )
-        return buffer.copy_(tensor)
+            buffer = self._slots[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buffer
 
     def clear(self) -> None:
         """Drop every buffer (before a rollback hands some of them over)."""

@@ -695,14 +695,15 @@ class AlphaProbe(Optimizer):
         params = self._params()
         transaction: StepTransaction | None = None
         stage = "taking the snapshot of parameters and optimizer state raised"
+        pool = self._copy_pool()  # decided once for the step's copies
         try:
-            transaction = StepTransaction(self.inner, params, self._copy_pool())
+            transaction = StepTransaction(self.inner, params, pool)
             stage = self._inner_stage()
             transaction.take_inner_step()
             transaction.swap()  # parameters now hold θ₀ (BackPACK reads live weights)
             stage = "evaluating the step's slope and curvatures raised"
             with torch.no_grad():
-                numbers = self._evaluate(params, transaction.directions, pending)
+                numbers = self._evaluate(params, transaction.directions, pending, pool)
             stage = "deciding the step raised"
             self._next_state = self._apply_state  # apply-mode state, committed below
             record, multiplier = self._decide(numbers, pending)
@@ -761,7 +762,11 @@ class AlphaProbe(Optimizer):
         return lambda: self._record_callbacks.remove(callback)
 
     def _evaluate(
-        self, params: list[Tensor], directions: list[Tensor], pending: Pending
+        self,
+        params: list[Tensor],
+        directions: list[Tensor],
+        pending: Pending,
+        pool: CopyPool | None,
     ) -> list[float]:
         """All scalars of the step with one device-to-host transfer.
 
@@ -770,7 +775,7 @@ class AlphaProbe(Optimizer):
         acc = self._accumulate_dtype(params)
         device = directions[0].device
         grads = [p.grad if i in pending.reached else None for i, p in enumerate(params)]
-        slope, dd, gg = step_products(directions, grads, acc, self._copy_pool())
+        slope, dd, gg = step_products(directions, grads, acc, pool)
         ctx = self._context(params, directions, pending.reached, batch=pending.batch)
         quads = []  # one value per block for blockwise curvatures, else a scalar
         for c in self._curvatures:
