@@ -188,6 +188,7 @@ class ClosureSession:
             if self.probing:
                 self._stack.enter_context(eager_if_compiled(self.probe._model))
                 for c in self.probe._curvatures:
+                    c.start_step(self.probe._step_count)
                     self._stack.enter_context(c.recording())
             self.recorder = self.probe._batch_recorder() if self.probing else None
             if self.recorder is not None:

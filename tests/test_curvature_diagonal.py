@@ -135,3 +135,61 @@ def test_diag_hessian_under_loss_scale_is_unscaled():
         results.append(probe.history[-1].curvatures)
     for name in ("diag-hessian", "diag-ggn"):
         assert results[1][name] == pytest.approx(results[0][name], rel=1e-10)
+
+
+def _mc_probe(curvature: str = "diag-ggn-mc"):
+    from alphawrap import AlphaProbe
+
+    model, loss_fn, x, y = PROBLEMS[1].make()
+    probe = AlphaProbe(torch.optim.SGD(model.parameters(), lr=0.1), curvature=curvature)
+
+    def closure(target=y):
+        probe.zero_grad()
+        loss = loss_fn(model(x), target)
+        loss.backward()
+        return loss
+
+    return probe, model, closure, y
+
+
+@pytest.mark.parametrize("curvature", ["diag-ggn-mc", "kfac"])
+def test_a_refused_step_changes_no_later_draw(curvature):
+    """The refused step's backward drew labels; the next step draws what it would
+    have drawn had the refused one never run."""
+    from alphawrap import CurvatureError
+
+    probe, _, closure, y = _mc_probe(curvature)
+    ignored = y.clone()
+    ignored[0] = -100  # refused after the backward pass (BackPACK would count it)
+    with pytest.raises(CurvatureError, match="ignore_index"):
+        probe.step(lambda: closure(ignored))
+    probe.step(closure)
+    fresh, _, fresh_closure, _ = _mc_probe(curvature)
+    fresh.step(fresh_closure)
+    assert probe.history[-1].curvatures == fresh.history[-1].curvatures
+
+
+def test_a_discarded_capture_changes_no_later_draw():
+    probe, _, closure, _ = _mc_probe()
+    with probe.capture():
+        closure()  # discarded by the next capture: never stepped
+    with probe.capture():
+        closure()
+    probe.step()
+    fresh, _, fresh_closure, _ = _mc_probe()
+    fresh.step(fresh_closure)
+    assert probe.history[-1].curvatures == fresh.history[-1].curvatures
+
+
+def test_a_resumed_probe_draws_what_the_saved_one_would():
+    probe, model, closure, _ = _mc_probe()
+    for _ in range(2):
+        probe.step(closure)
+    resumed, twin, twin_closure, _ = _mc_probe()
+    twin.load_state_dict(model.state_dict())
+    resumed.load_state_dict(probe.state_dict())
+    probe.step(closure)
+    resumed.step(twin_closure)
+    assert resumed.history[-1].curvatures == probe.history[-1].curvatures
+    # and the draws do differ from step to step
+    assert probe.history[-1].curvatures != probe.history[-2].curvatures

@@ -90,6 +90,14 @@ class Curvature(ABC):
         """Context to enter around a probed closure (e.g. recording hooks)."""
         return nullcontext()
 
+    def start_step(self, step: int) -> None:  # noqa: B027
+        """Learn the probe's step count before a probed closure runs.
+
+        Backends that draw random numbers seed them by it, so that a refused
+        step, a discarded capture or a resumed checkpoint leaves the draws of
+        every later step as they would be in an uninterrupted run.
+        """
+
     def bind(self, model: nn.Module | None, loss_fn: Any) -> None:  # noqa: B027
         """Learn the model and loss function the probe was given (if any)."""
 

@@ -247,8 +247,13 @@ class BackpackCurvature(Curvature):
 class SeededMixin:
     """Monte-Carlo backends: sampled labels from a private seeded stream.
 
-    One draw per backward pass; draw ``k`` uses ``hash((seed, k))``, so probing
-    does not consume the training's random numbers.
+    Draw ``k`` of probed step ``t`` (its ``k``-th backward pass) uses the seed
+    ``hash((seed, t, k))``: probing does not consume the training's random
+    numbers, and the draws of a step depend on nothing but its step count. A step
+    that is refused or undone, or a capture that is discarded, changes no later
+    draw, and a probe loaded from a checkpoint draws what the saved one would
+    have. Used without a probe (no step count), the draws go on ``k = 0, 1, ...``
+    under step ``-1``.
 
     Args:
         mc_samples: Sampled labels per example.
@@ -261,6 +266,12 @@ class SeededMixin:
     def __init__(self, mc_samples: int = 1, seed: int = 0) -> None:
         self.mc_samples = mc_samples
         self.seed = int(seed)
+        self.step = -1
+        self.draws = 0
+
+    def start_step(self, step: int) -> None:
+        """Seed this step's draws by its count (the first is draw 0)."""
+        self.step = int(step)
         self.draws = 0
 
     def make_extension(self) -> BackpropExtension:
@@ -271,7 +282,7 @@ class SeededMixin:
 
     def next_seed(self) -> int:
         """Seed of the next draw."""
-        seed = hash((self.seed, self.draws)) & (2**63 - 1)
+        seed = hash((self.seed, self.step, self.draws)) & (2**63 - 1)
         self.draws += 1
         return seed
 
