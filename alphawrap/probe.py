@@ -1166,7 +1166,7 @@ class AlphaProbe(Optimizer):
             params=params,
             directions=directions,
             reached=reached,
-            names=self._names(),
+            names=_LazyNames(self._names),
             accumulate_dtype=self._accumulate_dtype(params),
             batch=batch,
             curvatures=self._curvatures,
@@ -1297,6 +1297,29 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_post_hooks",
 )
 """The hook registries of the Optimizer contract (OrderedDict, as torch uses)."""
+
+
+class _LazyNames(Sequence[str]):
+    """The parameters' display names, built on first use.
+
+    Only error messages and the per-block breakdown read them; most probed steps
+    never do, and building them costs a walk over every parameter group.
+    """
+
+    def __init__(self, build: Callable[[], list[str]]) -> None:
+        self._build = build
+        self._names: list[str] | None = None
+
+    def _get(self) -> list[str]:
+        if self._names is None:
+            self._names = self._build()
+        return self._names
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._get()[index]
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 def _update_is_finite(

@@ -59,6 +59,7 @@ def block_references(model, loss_fn, x, y, directions, names, first_step=True):
             # Monte Carlo: the same seeded draw as the probe's first step (the
             # statistical tests check the draws against diag-ggn and kflr).
             fresh = KFACCurvature() if name == "kfac" else DiagonalGGNMC()
+            fresh.start_step(0)  # the draws of step 0
             _, values = backend_values(model, loss_fn, x, y, [fresh], directions)
             out[name] = values[name]
         elif name == "ggn-exact":
