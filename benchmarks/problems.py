@@ -87,23 +87,35 @@ def write_results(path: str | Path, fields: dict[str, Any]) -> None:
 
 
 def shuffled_ratios(
-    steps: dict[str, Callable[[], Any]], rounds: int, seed: int = 0, warmup: int = 3
+    steps: dict[str, Callable[[], Any]],
+    rounds: int,
+    seed: int = 0,
+    warmup: int = 3,
+    prepare: dict[str, Callable[[], Any]] | None = None,
+    sync: Callable[[], Any] = lambda: None,
 ) -> dict[str, float]:
     """Median over rounds of each step's time over the ``"plain"`` step's.
 
     Each round runs every step once, in a random order: a fixed order biases such
     comparisons by a few percent (a step pays for the cache misses of the step
-    before it). The first ``warmup`` rounds are not counted.
+    before it). The first ``warmup`` rounds are not counted. ``prepare[name]``
+    runs, untimed, right before ``steps[name]`` (e.g. the probed step before a
+    step between probes); ``sync`` waits for the device before each clock read.
     """
     order = list(steps)
     rng = random.Random(seed)
+    prepare = prepare or {}
     ratios: dict[str, list[float]] = {k: [] for k in steps if k != "plain"}
     for round_ in range(rounds + warmup):
         rng.shuffle(order)
         times = {}
         for name in order:
+            if name in prepare:
+                prepare[name]()
+            sync()
             t0 = time.perf_counter()
             steps[name]()
+            sync()
             times[name] = time.perf_counter() - t0
         if round_ >= warmup:
             for k in ratios:

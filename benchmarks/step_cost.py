@@ -1,9 +1,11 @@
 """Cost of a probe step relative to a plain inner step, measured side by side.
 
-For every problem and curvature selection, plain Adam steps and probe steps on
-the same batch are interleaved (plain, probe, plain, probe, ...) and the median of
-the per-pair time ratios is reported; absolute times are not comparable across
-runs on a shared machine, ratios measured side by side are. Also measured:
+For every problem, a plain Adam step and one probe step of every curvature
+selection, on the same batch, run once per round in a random order (a fixed
+order biases the comparison: a step pays for the cache misses of the one before
+it); the median over rounds of each probe step's time over the plain step's is
+reported. Absolute times are not comparable across runs on a shared machine,
+ratios measured side by side are. Also measured:
 
 * ``interval=10``: the steps *between* probes (the probe is then a plain step);
 * scaling of the ratio with depth (3-24 Tanh layers; the default curvature and
@@ -22,16 +24,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from problems import PROBLEMS, BenchProblem, tanh_mlp, write_results
+from problems import (
+    PROBLEMS,
+    BenchProblem,
+    shuffled_ratios,
+    tanh_mlp,
+    write_results,
+)
 
 from alphawrap import AlphaProbe
 from alphawrap.curvature import available
@@ -86,33 +92,37 @@ def _pair(problem: BenchProblem, names, device, batch, interval=1, extended=Fals
     )
 
 
-def time_ratio(
-    problem, names, pairs, device="cpu", batch=128, interval=1, extended=False
-):
-    """Median over interleaved pairs of (probe step time) / (plain step time).
+def time_ratios(
+    problem: BenchProblem,
+    variants: dict[str, dict],
+    rounds: int,
+    device: str = "cpu",
+    batch: int = 128,
+) -> dict[str, float]:
+    """Median over shuffled rounds of (probe step time) / (plain step time).
 
-    With ``interval > 1`` only the steps between probes are timed.
+    ``variants`` maps a label to the probe's settings (``names``, and optionally
+    ``interval``, ``extended``). Each round runs the plain step and one step of
+    every variant in a random order; with ``interval > 1`` the probed steps run
+    untimed before the round, so only a step between probes is timed.
     """
-    (plain, c_plain), (probe, c_probe) = _pair(
-        problem, names, device, batch, interval, extended
-    )
-    for _ in range(3):
-        plain.step(c_plain)
-        probe.step(c_probe)
-    ratios = []
-    while len(ratios) < pairs:
-        probing = probe.step_count % probe.interval == 0
-        _sync(device)
-        t0 = time.perf_counter()
-        plain.step(c_plain)
-        _sync(device)
-        t1 = time.perf_counter()
-        probe.step(c_probe)
-        _sync(device)
-        t2 = time.perf_counter()
-        if interval == 1 or not probing:
-            ratios.append((t2 - t1) / (t1 - t0))
-    return statistics.median(ratios)
+    (plain, c_plain), _ = _pair(problem, ("hessian",), device, batch)
+    steps = {"plain": lambda: plain.step(c_plain)}
+    prepare = {}
+    for label, v in variants.items():
+        interval = v.get("interval", 1)
+        _, (probe, c_probe) = _pair(
+            problem, v["names"], device, batch, interval, v.get("extended", False)
+        )
+        steps[label] = lambda p=probe, c=c_probe: p.step(c)
+        if interval > 1:
+
+            def skip_probed(p=probe, c=c_probe) -> None:
+                while p.step_count % p.interval == 0:
+                    p.step(c)
+
+            prepare[label] = skip_probed
+    return shuffled_ratios(steps, rounds, prepare=prepare, sync=lambda: _sync(device))
 
 
 def _cpu_peak(fn) -> int:
@@ -181,7 +191,7 @@ def memory(problem, names, device, batch=128):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=35)
+    parser.add_argument("--pairs", type=int, default=35, help="timed rounds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="skip the scaling sweeps")
@@ -200,25 +210,19 @@ def main(argv=None):
         print(kind, row, flush=True)
 
     for problem in PROBLEMS:
-        for label, names in selections.items():
-            ratio = time_ratio(problem, names, args.pairs, args.device)
+        variants = {label: {"names": names} for label, names in selections.items()}
+        variants["between probes (interval=10)"] = {
+            "names": ("hessian",),
+            "interval": 10,
+        }
+        variants["hessian via backpack.extend"] = {
+            "names": ("hessian",),
+            "extended": True,
+        }
+        for label, ratio in time_ratios(
+            problem, variants, args.pairs, args.device
+        ).items():
             report("rows", problem=problem.name, curvature=label, ratio=ratio)
-        ratio = time_ratio(problem, ("hessian",), args.pairs, args.device, interval=10)
-        report(
-            "rows",
-            problem=problem.name,
-            curvature="between probes (interval=10)",
-            ratio=ratio,
-        )
-        ratio = time_ratio(
-            problem, ("hessian",), args.pairs, args.device, extended=True
-        )
-        report(
-            "rows",
-            problem=problem.name,
-            curvature="hessian via backpack.extend",
-            ratio=ratio,
-        )
         for label, names in selections.items():
             mem.append(
                 {
@@ -230,45 +234,24 @@ def main(argv=None):
             print("memory", mem[-1], flush=True)
     if not args.quick:
         pairs = max(args.pairs // 2, 7)
+
+        def sweep(axis, value, problem, labels, batch=128):
+            variants = {k: {"names": selections[k]} for k in labels if k in selections}
+            ratios = time_ratios(problem, variants, pairs, args.device, batch)
+            for label, ratio in ratios.items():
+                report("scaling", axis=axis, value=value, curvature=label, ratio=ratio)
+
         for depth in (3, 6, 12, 24):
             problem = BenchProblem(f"tanh-depth-{depth}", lambda d=depth: tanh_mlp(d))
-            for label in ("hessian", "ggn-exact"):
-                if label in selections:
-                    report(
-                        "scaling",
-                        axis="depth",
-                        value=depth,
-                        curvature=label,
-                        ratio=time_ratio(
-                            problem, selections[label], pairs, args.device
-                        ),
-                    )
-        scaled = [
-            k for k in ("hessian", "ggn-exact", "hessian-exact") if k in selections
-        ]
+            sweep("depth", depth, problem, ("hessian", "ggn-exact"))
+        scaled = ("hessian", "ggn-exact", "hessian-exact")
         for width in (32, 128, 512):
             problem = BenchProblem(
                 f"tanh-width-{width}", lambda w=width: tanh_mlp(6, w)
             )
-            for label in scaled:
-                report(
-                    "scaling",
-                    axis="width",
-                    value=width,
-                    curvature=label,
-                    ratio=time_ratio(problem, selections[label], pairs, args.device),
-                )
+            sweep("width", width, problem, scaled)
         for batch in (32, 128, 512):
-            for label in scaled:
-                report(
-                    "scaling",
-                    axis="batch",
-                    value=batch,
-                    curvature=label,
-                    ratio=time_ratio(
-                        PROBLEMS[1], selections[label], pairs, args.device, batch
-                    ),
-                )
+            sweep("batch", batch, PROBLEMS[1], scaled, batch)
     write_results(
         args.out,
         {

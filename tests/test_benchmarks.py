@@ -19,8 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import copy_pool
 import overhead
+import step_cost
 from floor import Bare, probe_twin
 from problems import PROBLEMS
+
+from alphawrap import AlphaProbe
 
 CASES = [pytest.param(p, id=p.name) for p in PROBLEMS]
 
@@ -81,3 +84,41 @@ def test_copy_pool_benchmark_compares_kept_buffers_with_clones() -> None:
     row = copy_pool.compare(copy_pool.CASES[-1], "ggn-exact", rounds=1)
     assert row["buffers kept"] > 0  # the large model's copies go to the pool
     assert row["kept buffers"] > 0 and row["clones"] > 0
+
+
+def test_step_cost_times_steps_between_probes_only() -> None:
+    """``interval=10``: the probed steps run untimed, every timed one is between."""
+    probed: list[bool] = []
+    step = AlphaProbe.step
+
+    def spy(self, closure=None):
+        probed.append(self._will_probe())
+        return step(self, closure)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AlphaProbe, "step", spy)
+        timed = {"plain": 0, "between": 0}
+        original = step_cost.shuffled_ratios
+
+        def count(steps, rounds, **kwargs):
+            wrapped = {}
+            for name, fn in steps.items():
+
+                def run(name=name, fn=fn):
+                    timed[name] += 1
+                    if name == "between":
+                        probed.append(None)  # marks the timed probe step next
+                    fn()
+
+                wrapped[name] = run
+            return original(wrapped, rounds, **kwargs)
+
+        patch.setattr(step_cost, "shuffled_ratios", count)
+        ratios = step_cost.time_ratios(
+            PROBLEMS[0], {"between": {"names": ("hessian",), "interval": 10}}, 4
+        )
+    assert set(ratios) == {"between"} and ratios["between"] > 0
+    assert timed == {"plain": 7, "between": 7}  # 3 warm-up rounds + 4
+    after_mark = [probed[i + 1] for i, v in enumerate(probed) if v is None]
+    assert after_mark == [False] * 7  # every timed probe step is between probes
+    assert True in probed  # the probed ones ran (untimed)
