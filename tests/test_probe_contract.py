@@ -161,6 +161,75 @@ def test_step_hooks_fire_once_per_step(interval):
     assert len(calls) == 8
 
 
+def test_global_step_hooks_fire_and_a_pre_hook_can_replace_the_arguments():
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    model = make_model()
+    probe = make_probe(model)
+    seen: list[str] = []
+    batches = make_batches(2)
+    other = closure_for(probe, model, batches[1])
+
+    def replace(opt, args, kwargs):
+        if opt is probe:  # the inner optimizer's own step fires global hooks too
+            seen.append("global pre")
+            assert args[0] is probe  # as torch passes them: self first
+            return (probe, other), {}
+        return None
+
+    handles = [
+        register_optimizer_step_pre_hook(replace),
+        register_optimizer_step_post_hook(
+            lambda opt, args, kwargs: opt is probe and seen.append("global post")
+        ),
+    ]
+    try:
+        loss = probe.step(closure_for(probe, model, batches[0]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == ["global pre", "global post"]
+    x, y = batches[1]
+    assert probe.history[-1].loss == pytest.approx(LOSS_FN(make_model()(x), y).item())
+    assert loss.item() == probe.history[-1].loss
+
+
+def test_a_pre_hook_returning_something_else_is_an_error():
+    model = make_model()
+    probe = make_probe(model)
+    probe.register_step_pre_hook(lambda opt, args, kwargs: "oops")
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        run(probe, model, make_batches(1))
+
+
+def test_step_is_a_profiler_region_only_while_profiling():
+    """torch.optim's region name, as for any optimizer; no region cost otherwise."""
+    model = make_model()
+    probe = make_probe(model)
+    assert getattr(AlphaProbe.step, "hooked", False)  # torch does not wrap it again
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
+        run(probe, model, make_batches(1))
+    names = [e.name for e in p.events()]
+    assert names.count("Optimizer.step#AlphaProbe.step") == 1
+    assert names.count("Optimizer.step#SGD.step") == 1
+    opened: list[str] = []
+    real = torch.autograd.profiler.record_function
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, name, *args, **kwargs):
+            opened.append(name)
+            super().__init__(name, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.autograd.profiler, "record_function", Spy)
+        run(probe, model, make_batches(1))
+    assert "Optimizer.step#AlphaProbe.step" not in opened
+    assert "Optimizer.step#SGD.step" in opened  # the inner step keeps torch's
+
+
 # ------------------------------------------------------------------ schedulers
 SCHEDULERS: dict[str, Callable[[Optimizer], object]] = {
     "step": lambda o: lr_scheduler.StepLR(o, step_size=3, gamma=0.5),
