@@ -21,7 +21,6 @@ Any exception during 1–5 restores parameters, gradients, inner state and histo
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from collections import OrderedDict
@@ -31,12 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.optimizer import (
-    _global_optimizer_post_hooks as _GLOBAL_STEP_POST_HOOKS,
-)
-from torch.optim.optimizer import (
-    _global_optimizer_pre_hooks as _GLOBAL_STEP_PRE_HOOKS,
-)
 
 from alphawrap import curvature as curvature_registry
 from alphawrap.batch import BatchRecorder, RecordingLoss
@@ -88,54 +81,6 @@ from alphawrap.truth import BatchObjective, line_search
 
 STATE_KEY = "alphawrap"
 STATE_FORMAT = 1
-
-
-def _step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.optim``'s step wrapper, with its profiler region only when profiling.
-
-    Runs the step pre- and post-hooks (the global ones too) around ``step`` and
-    opens the ``Optimizer.step#AlphaProbe.step`` region while a profiler runs.
-    ``Optimizer.profile_hook_step`` opens ``record_function`` on every call, which
-    costs about 4 % of a small model's probe step with no profiler running; the
-    inner optimizer's own step keeps torch's wrapper. Marked ``hooked`` so that
-    ``Optimizer._patch_step_function`` does not wrap it again.
-    """
-
-    def run(self: AlphaProbe, args: tuple, kwargs: dict[str, Any]) -> Any:
-        # As in torch: the hooks get the arguments with self, and a pre-hook
-        # may return replacements for them.
-        for pre_hook in (
-            *_GLOBAL_STEP_PRE_HOOKS.values(),
-            *self._optimizer_step_pre_hooks.values(),
-        ):
-            result = pre_hook(self, args, kwargs)
-            if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(
-                        f"{step} must return None or a tuple of (new_args, "
-                        f"new_kwargs), but got {result}."
-                    )
-                args, kwargs = result
-        out = step(*args, **kwargs)
-        self._optimizer_step_code()
-        for post_hook in (
-            *self._optimizer_step_post_hooks.values(),
-            *_GLOBAL_STEP_POST_HOOKS.values(),
-        ):
-            post_hook(self, args, kwargs)
-        return out
-
-    @functools.wraps(step)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        self = args[0]
-        if not torch._C._autograd._profiler_enabled():
-            return run(self, args, kwargs)
-        name = f"Optimizer.step#{type(self).__name__}.step"
-        with torch.autograd.profiler.record_function(name):
-            return run(self, args, kwargs)
-
-    wrapper.hooked = True  # type: ignore[attr-defined]
-    return wrapper
 
 
 class AlphaProbe(Optimizer):
@@ -668,7 +613,6 @@ class AlphaProbe(Optimizer):
         """
         return Capture(self, loss_scale)
 
-    @_step_hooks
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Run the closure, probe ``α*`` and take the (rescaled) inner step.
 

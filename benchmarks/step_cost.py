@@ -104,7 +104,9 @@ def time_ratios(
     ``variants`` maps a label to the probe's settings (``names``, and optionally
     ``interval``, ``extended``). Each round runs the plain step and one step of
     every variant in a random order; with ``interval > 1`` the probed steps run
-    untimed before the round, so only a step between probes is timed.
+    untimed right before that variant's timed step, so only steps between
+    probes are timed (every tenth of them follows a probed step and pays its
+    cache misses; the median over rounds hardly moves).
     """
     (plain, c_plain), _ = _pair(problem, ("hessian",), device, batch)
     steps = {"plain": lambda: plain.step(c_plain)}

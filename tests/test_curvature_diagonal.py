@@ -193,3 +193,26 @@ def test_a_resumed_probe_draws_what_the_saved_one_would():
     assert resumed.history[-1].curvatures == probe.history[-1].curvatures
     # and the draws do differ from step to step
     assert probe.history[-1].curvatures != probe.history[-2].curvatures
+
+
+def test_each_process_draws_its_own_labels(monkeypatch):
+    """Under torch.distributed the rank enters the seed: the processes' draws are
+    independent (the same on a rank from run to run)."""
+    import alphawrap.curvature.extension as extension
+
+    values = {}
+    for rank in (0, 1, 1):
+        monkeypatch.setattr(extension, "process_rank", lambda rank=rank: rank)
+        probe, _, closure, _ = _mc_probe()
+        probe.step(closure)
+        values.setdefault(rank, []).append(probe.history[-1].curvatures)
+    assert values[1][0] == values[1][1]
+    assert values[0][0] != values[1][0]
+
+
+def test_seeds_are_mixed_without_python_hash():
+    """hash(-1) == hash(-2) in CPython; the mixed seeds of such parts differ."""
+    from alphawrap.curvature.extension import mixed_seed
+
+    assert mixed_seed(-1, 0, 0, 0) != mixed_seed(-2, 0, 0, 0)
+    assert 0 <= mixed_seed(2**70, -5, 3, 1) < 2**63

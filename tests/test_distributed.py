@@ -303,6 +303,25 @@ def scenario_extras(rank: int) -> list[dict]:
     return extras_run(model, DDP(model), rank)
 
 
+def scenario_mc_draws(rank: int) -> float:
+    """The same model and shard on both processes, numbers not combined."""
+    model = build(seed=7)
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), "diag-ggn-mc", distributed=False
+    )
+    x, y = batch(0, "mean", torch.float64, rank=0)
+    loss_fn = loss_module("mean")
+
+    def closure():
+        probe.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    probe.step(closure)
+    return probe.history[-1].curvatures["diag-ggn-mc"]
+
+
 def scenario_cli(rank: int, out: Path) -> dict:
     """The command-line tool in each process, as under torchrun."""
     stdout = io.StringIO()
@@ -319,6 +338,7 @@ SCENARIOS = {
     "probe-failure": lambda r, out: scenario_probe_failure(r),
     "ignored-targets": lambda r, out: scenario_ignored_targets(r),
     "extras": lambda r, out: scenario_extras(r),
+    "mc-draws": lambda r, out: scenario_mc_draws(r),
     "cli": scenario_cli,
     # These two leave a process group broken: keep them last.
     "first-step-failure": lambda r, out: scenario_first_step_failure(r),
@@ -404,6 +424,12 @@ def reference(reduction: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------- tests
+@pytest.mark.distributed
+def test_monte_carlo_draws_differ_between_processes(ranks):
+    """Same model and data on both ranks: only the rank in the seed differs."""
+    assert ranks[0]["mc-draws"] != ranks[1]["mc-draws"]
+
+
 @pytest.mark.distributed
 def test_active_under_ddp(ranks):
     assert [r["active"] for r in ranks] == [True, True]

@@ -20,6 +20,7 @@ stays bitwise identical to the unwrapped optimizer.
 
 from __future__ import annotations
 
+import hashlib
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -244,16 +245,38 @@ class BackpackCurvature(Curvature):
                 delattr(p, self.savefield)
 
 
+def mixed_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same on every platform and Python.
+
+    ``hash()`` of a tuple is CPython's (other for PyPy and 32-bit builds) and
+    maps -1 and -2 to the same value; BLAKE2b of the integers does neither.
+
+    Example:
+        >>> mixed_seed(0, 0, 5, 0) == mixed_seed(0, 0, 5, 0) != mixed_seed(0, 1, 5, 0)
+        True
+    """
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def process_rank() -> int:
+    """This process's rank under ``torch.distributed`` (0 without a group)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class SeededMixin:
     """Monte-Carlo backends: sampled labels from a private seeded stream.
 
-    Draw ``k`` of probed step ``t`` (its ``k``-th backward pass) uses the seed
-    ``hash((seed, t, k))``: probing does not consume the training's random
-    numbers, and the draws of a step depend on nothing but its step count. A step
-    that is refused or undone, or a capture that is discarded, changes no later
-    draw, and a probe loaded from a checkpoint draws what the saved one would
-    have. Used without a probe (no step count), the draws go on ``k = 0, 1, ...``
-    under step ``-1``.
+    Draw ``k`` of probed step ``t`` (its ``k``-th backward pass) on process
+    ``r`` (the ``torch.distributed`` rank, 0 without a process group) uses the
+    seed :func:`mixed_seed` ``(seed, r, t, k)``. Probing does not consume the
+    training's random numbers, and the draws of a step depend on nothing but its
+    step count: a step that is refused or undone, or a capture that is discarded,
+    changes no later draw, and a probe loaded from a checkpoint draws what the
+    saved one would have. Each process draws its own labels, independent of the
+    others'. Used without a probe (no step count), the draws go on
+    ``k = 0, 1, ...`` under step ``-1``.
 
     Args:
         mc_samples: Sampled labels per example.
@@ -266,11 +289,13 @@ class SeededMixin:
     def __init__(self, mc_samples: int = 1, seed: int = 0) -> None:
         self.mc_samples = mc_samples
         self.seed = int(seed)
+        self.rank = 0
         self.step = -1
         self.draws = 0
 
     def start_step(self, step: int) -> None:
         """Seed this step's draws by its count (the first is draw 0)."""
+        self.rank = process_rank()
         self.step = int(step)
         self.draws = 0
 
@@ -282,7 +307,7 @@ class SeededMixin:
 
     def next_seed(self) -> int:
         """Seed of the next draw."""
-        seed = hash((self.seed, self.step, self.draws)) & (2**63 - 1)
+        seed = mixed_seed(self.seed, self.rank, self.step, self.draws)
         self.draws += 1
         return seed
 
