@@ -303,6 +303,40 @@ def scenario_extras(rank: int) -> list[dict]:
     return extras_run(model, DDP(model), rank)
 
 
+def scenario_compiled(rank: int) -> dict:
+    """``torch.compile(DDP(model))`` as ``model=``, probing every second step,
+    next to the same run uncompiled: the probed steps run it eagerly, the steps
+    between run the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for compiled in (False, True):
+        graphs = counters["stats"]["unique_graphs"]
+        model = build(seed=8, dtype=torch.float32)
+        ddp = DDP(model)
+        forward = torch.compile(ddp, backend="eager") if compiled else ddp
+        # Compiled (and run) before the probe exists: a graph that hides the
+        # modules from the probe's hooks unless the probed steps run eagerly.
+        forward(batch(0, "mean", torch.float32, rank)[0]).sum().backward()
+        model.zero_grad(set_to_none=True)
+        probe = AlphaProbe(
+            torch.optim.Adam(model.parameters(), lr=0.05),
+            ("hessian-exact", "ggn-exact", "hessian"),
+            model=forward,
+            loss_fn=loss_module("mean"),
+            interval=2,
+        )
+        records = train(
+            forward, probe, probe.loss_fn, "mean", torch.float32, ["observe"] * 4, rank
+        )
+        out["compiled" if compiled else "eager"] = {
+            "records": records,
+            "params": [p.detach().clone() for p in model.parameters()],
+            "graphs": counters["stats"]["unique_graphs"] - graphs,
+        }
+    return out
+
+
 def scenario_mc_draws(rank: int) -> float:
     """The same model and shard on both processes, numbers not combined."""
     model = build(seed=7)
@@ -339,6 +373,7 @@ SCENARIOS = {
     "ignored-targets": lambda r, out: scenario_ignored_targets(r),
     "extras": lambda r, out: scenario_extras(r),
     "mc-draws": lambda r, out: scenario_mc_draws(r),
+    "compiled": lambda r, out: scenario_compiled(r),
     "cli": scenario_cli,
     # These two leave a process group broken: keep them last.
     "first-step-failure": lambda r, out: scenario_first_step_failure(r),
@@ -424,6 +459,26 @@ def reference(reduction: str) -> list[dict]:
 
 
 # --------------------------------------------------------------------- tests
+@pytest.mark.distributed
+def test_a_compiled_ddp_model_gives_the_uncompiled_numbers(ranks):
+    """DDP and torch.compile together: probed steps equal the uncompiled run's,
+    on both processes; the steps between probes (compiled) take the same steps."""
+    for res in ranks:
+        eager, compiled = res["compiled"]["eager"], res["compiled"]["compiled"]
+        assert [r["step"] for r in compiled["records"]] == [0, 2]
+        assert compiled["graphs"] > 0 and eager["graphs"] == 0
+        for a, b in zip(eager["records"], compiled["records"]):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+            for name, value in a["curvatures"].items():
+                assert b["curvatures"][name] == pytest.approx(value, rel=1e-5)
+        for p, q in zip(eager["params"], compiled["params"]):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert (
+        ranks[0]["compiled"]["compiled"]["records"]
+        == (ranks[1]["compiled"]["compiled"]["records"])
+    )
+
+
 @pytest.mark.distributed
 def test_monte_carlo_draws_differ_between_processes(ranks):
     """Same model and data on both ranks: only the rank in the seed differs."""
