@@ -305,8 +305,7 @@ def scenario_extras(rank: int) -> list[dict]:
 
 def scenario_compiled(rank: int) -> dict:
     """``torch.compile(DDP(model))`` as ``model=``, probing every second step,
-    next to the same run uncompiled: the probed steps run it eagerly, the steps
-    between run the compiled graph."""
+    next to the same run uncompiled; the steps between probes run compiled."""
     from torch._dynamo.utils import counters
 
     out = {}
@@ -315,8 +314,9 @@ def scenario_compiled(rank: int) -> dict:
         model = build(seed=8, dtype=torch.float32)
         ddp = DDP(model)
         forward = torch.compile(ddp, backend="eager") if compiled else ddp
-        # Compiled (and run) before the probe exists: a graph that hides the
-        # modules from the probe's hooks unless the probed steps run eagerly.
+        # Compiled (and run) before the probe exists, as in a training script.
+        # (This passes without the probe's eager stance too: under DDP the
+        # probe's hooks still saw every module. It guards the combination.)
         forward(batch(0, "mean", torch.float32, rank)[0]).sum().backward()
         model.zero_grad(set_to_none=True)
         probe = AlphaProbe(
