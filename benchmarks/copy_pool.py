@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from problems import PROBLEMS, BenchProblem, shuffled_ratios, tanh_mlp, write_results
-from step_cost import _pair
+from step_cost import _plain, _probe
 
 
 def relu_mlp(width: int, hidden: int) -> nn.Module:
@@ -47,8 +47,9 @@ CASES = [
 
 def compare(problem: BenchProblem, curvature: str, rounds: int) -> dict:
     """Probe with kept buffers and with fresh clones, each over plain Adam."""
-    (plain, plain_closure), (probe, closure) = _pair(problem, (curvature,), "cpu", 128)
-    (_, _), (cloning, cloning_closure) = _pair(problem, (curvature,), "cpu", 128)
+    plain, plain_closure, x, y = _plain(problem, "cpu", 128)
+    probe, closure = _probe(problem, (curvature,), "cpu", x, y)
+    cloning, cloning_closure = _probe(problem, (curvature,), "cpu", x, y)
     cloning._copy_pool = lambda: None  # fresh clones every step
     steps = {
         "plain": lambda: plain.step(plain_closure),

@@ -67,18 +67,23 @@ def _closure(opt, model, loss_fn, x, y):
     return closure
 
 
-def _pair(problem: BenchProblem, names, device, batch, interval=1, extended=False):
-    """A plain Adam and a probe, each on its own copy of the same model.
-
-    The plain step runs on the unextended model: the user's training loop before
-    the probe. The probe gets ``model=``/``loss_fn=`` (no ``extend`` needed), or,
-    with ``extended=True``, an ``extend``-ed model and no ``model=``.
-    """
+def _plain(problem: BenchProblem, device, batch):
+    """Plain Adam on the unextended model (the user's training loop before the
+    probe), its closure and the batch."""
     model, loss_fn, x, y = problem.make(batch=batch, extended=False)
     model, x, y = model.to(device), x.to(device), y.to(device)
-    twin, twin_loss, _, _ = problem.make(batch=batch, extended=extended)
-    twin = twin.to(device)
     plain = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return plain, _closure(plain, model, loss_fn, x, y), x, y
+
+
+def _probe(problem: BenchProblem, names, device, x, y, interval=1, extended=False):
+    """A probe on its own copy of the model, and its closure on the batch ``x, y``.
+
+    It gets ``model=``/``loss_fn=`` (no ``extend`` needed), or, with
+    ``extended=True``, an ``extend``-ed model and no ``model=``.
+    """
+    twin, twin_loss, _, _ = problem.make(batch=len(x), extended=extended)
+    twin = twin.to(device)
     kwargs = {} if extended else {"model": twin, "loss_fn": twin_loss}
     probe = AlphaProbe(
         torch.optim.Adam(twin.parameters(), lr=1e-3),
@@ -86,10 +91,13 @@ def _pair(problem: BenchProblem, names, device, batch, interval=1, extended=Fals
         interval=interval,
         **kwargs,
     )
-    return (plain, _closure(plain, model, loss_fn, x, y)), (
-        probe,
-        _closure(probe, twin, twin_loss, x, y),
-    )
+    return probe, _closure(probe, twin, twin_loss, x, y)
+
+
+def _pair(problem: BenchProblem, names, device, batch):
+    """A plain Adam and a probe, each on its own copy of the same model."""
+    plain, c_plain, x, y = _plain(problem, device, batch)
+    return (plain, c_plain), _probe(problem, names, device, x, y)
 
 
 def time_ratios(
@@ -108,13 +116,13 @@ def time_ratios(
     probes are timed (every tenth of them follows a probed step and pays its
     cache misses; the median over rounds hardly moves).
     """
-    (plain, c_plain), _ = _pair(problem, ("hessian",), device, batch)
+    plain, c_plain, x, y = _plain(problem, device, batch)
     steps = {"plain": lambda: plain.step(c_plain)}
     prepare = {}
     for label, v in variants.items():
         interval = v.get("interval", 1)
-        _, (probe, c_probe) = _pair(
-            problem, v["names"], device, batch, interval, v.get("extended", False)
+        probe, c_probe = _probe(
+            problem, v["names"], device, x, y, interval, v.get("extended", False)
         )
         steps[label] = lambda p=probe, c=c_probe: p.step(c)
         if interval > 1:

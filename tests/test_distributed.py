@@ -343,16 +343,8 @@ def scenario_mc_draws(rank: int) -> float:
     probe = AlphaProbe(
         torch.optim.SGD(model.parameters(), lr=0.1), "diag-ggn-mc", distributed=False
     )
-    x, y = batch(0, "mean", torch.float64, rank=0)
-    loss_fn = loss_module("mean")
-
-    def closure():
-        probe.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-
-    probe.step(closure)
+    # rank=0: both processes train on the first shard
+    train(model, probe, loss_module("mean"), "mean", torch.float64, ["observe"], 0)
     return probe.history[-1].curvatures["diag-ggn-mc"]
 
 
