@@ -32,11 +32,16 @@ the real probe (``AlphaProbe(..., curvature="hessian-exact", model=, loss_fn=)``
   and forms ``dᵀg``, ``‖d‖²``, ``‖g‖²``, with one host transfer for all of
   them, and points the parameters back at θ₁;
 * ``bare step, unguarded``: the same without the gradient backup and the
-  optimizer-state copy (a step that could not be undone).
+  optimizer-state copy (a step that could not be undone);
+* ``bare step, hooked``: the guarded bare step recorded the way a wrapper
+  must, since the user's closure calls the model: two global module hooks for
+  the closure keep the inputs and outputs and hook the output gradients (the
+  bare step loops over the modules itself and calls ``retain_grad``).
 
-What separates ``probe`` from ``bare step`` is the probe's orchestration: the
-hooks API instead of ``retain_grad``, the checks that explain bad input, the
-batch kept for the replay fallback, the record and its history. ::
+What separates ``probe`` from ``bare step, hooked`` is the probe's
+orchestration: the checks that explain bad input (the backward monitor, the
+chain and batch checks), the batch kept for the replay fallback, the record and
+its history, the optimizer wrapper's contract. ::
 
     python benchmarks/floor.py --pairs 60
 """
@@ -45,13 +50,16 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from problems import PROBLEMS, shuffled_ratios, write_results
@@ -68,9 +76,20 @@ TARGETS = {  # (hessian, ggn-exact, hessian-exact), from the performance issue
 
 
 class Bare:
-    """One problem: a plain Adam twin, the recorded pass and the bare parts."""
+    """One problem: a plain Adam twin, the recorded pass and the bare parts.
 
-    def __init__(self, problem, batch: int = 128) -> None:
+    Args:
+        problem: The benchmark problem.
+        batch: The batch size.
+        hooked: Record the way a wrapper must, without owning the forward: the
+            closure calls ``model(x)`` and two global module hooks (installed
+            for the closure, as the probe does) keep each module's input and
+            output and hook the output gradients the sweep reads. Otherwise the
+            forward loops over the modules and calls ``retain_grad``.
+    """
+
+    def __init__(self, problem, batch: int = 128, hooked: bool = False) -> None:
+        self.hooked = hooked
         self.model, self.loss_fn, self.x, self.y = problem.make(batch, extended=False)
         twin, _, _, _ = problem.make(batch, extended=False)
         self.twin, self.plain_opt = twin, torch.optim.Adam(twin.parameters())
@@ -97,23 +116,50 @@ class Bare:
         and, for the exact Hessian's cross terms, at a Linear or Conv layer that a
         tangent reaches (not the first)."""
         self.opt.zero_grad()
-        h, self.traces, reached = self.x, [], False
-        for m in self.model:
-            out = m(h)
-            bilinear = isinstance(m, (nn.Linear, nn.Conv2d))
-            if (bilinear and reached) or not FAST_RULES[type(m)](None).residual_is_zero(
-                None
-            ):
-                out.retain_grad()
-            reached = reached or bilinear
-            self.traces.append(_Trace(m, None, (h,), out, (None,), (None,)))
-            h = out
-        loss = self.loss_fn(h, self.y)
-        loss.backward()
-        for t in self.traces:
-            t.g_out = (t.output.grad if t.output.retains_grad else None,)
+        self.traces, self._reached = [], False
+        if self.hooked:
+            self._modules = {id(m) for m in self.model}
+            handle = register_module_forward_hook(self._keep)
+            try:
+                h = self.model(self.x)
+                loss = self.loss_fn(h, self.y)
+            finally:
+                handle.remove()
+            loss.backward()
+        else:
+            h = self.x
+            for m in self.model:
+                out = m(h)
+                if self._needs_delta(m):
+                    out.retain_grad()
+                self.traces.append(_Trace(m, None, (h,), out, (None,), (None,)))
+                h = out
+            loss = self.loss_fn(h, self.y)
+            loss.backward()
+            for t in self.traces:
+                t.g_out = (t.output.grad if t.output.retains_grad else None,)
         self.logits = h.detach()
         self.loss = loss.detach()
+
+    def _needs_delta(self, module: nn.Module) -> bool:
+        """Whether the sweep reads the output gradient of ``module`` (in order)."""
+        bilinear = isinstance(module, (nn.Linear, nn.Conv2d))
+        needs = (bilinear and self._reached) or not FAST_RULES[type(module)](
+            None
+        ).residual_is_zero(None)
+        self._reached = self._reached or bilinear
+        return needs
+
+    def _keep(self, module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        """Global forward hook of the hooked recording (filtered by module)."""
+        if id(module) not in self._modules:
+            return
+        trace = _Trace(module, None, inputs, output, (None,), [None])
+        if self._needs_delta(module):
+            # Weakly, as the probe does: a strong reference would close a cycle
+            # through the autograd graph that the garbage collector cannot see.
+            output.register_hook(functools.partial(_set_delta, weakref.ref(trace)))
+        self.traces.append(trace)
 
     def whole_step(self, guarded: bool = True) -> list[float]:
         """One bare observe-mode ``"hessian-exact"`` probe step.
@@ -202,6 +248,12 @@ class Bare:
         return sum((e.sum() for e in extra), total)
 
 
+def _set_delta(ref: weakref.ref[_Trace], grad: Tensor) -> None:
+    trace = ref()
+    if trace is not None:
+        trace.g_out[0] = grad  # type: ignore[index]
+
+
 def _ratio(bare: Bare, part, pairs: int, baseline=None) -> float:
     """Median over interleaved pairs of time(part) / time(plain step)."""
     ratios = []
@@ -243,13 +295,14 @@ def probe_twin(problem, bare: Bare, batch: int = 128):
 
 def whole_steps(problem, pairs: int) -> dict[str, float]:
     """Whole bare steps and the real probe step over plain, in shuffled rounds."""
-    bare = Bare(problem)
+    bare, hooked = Bare(problem), Bare(problem, hooked=True)
     probe, closure = probe_twin(problem, bare)
     steps = {
         "plain": bare.plain,
         "probe": lambda: probe.step(closure),
         "bare step": lambda: bare.whole_step(guarded=True),
         "bare step, unguarded": lambda: bare.whole_step(guarded=False),
+        "bare step, hooked": lambda: hooked.whole_step(guarded=True),
     }
     return shuffled_ratios(steps, pairs)
 

@@ -56,9 +56,17 @@ def test_bare_exact_hessian_sweep_matches_dense(problem) -> None:
 @pytest.mark.parametrize("problem", CASES)
 def test_bare_whole_step_computes_the_probes_numbers(problem) -> None:
     bare, twin = Bare(problem, batch=32), Bare(problem, batch=32)
+    hooked = Bare(problem, batch=32, hooked=True)
     probe, closure = probe_twin(problem, bare, batch=32)
     numbers = bare.whole_step(guarded=True)
     assert twin.whole_step(guarded=False) == numbers  # the guards change nothing
+    assert hooked.whole_step(guarded=True) == numbers  # nor does recording by hooks
+    assert [type(t.module) for t in hooked.traces] == [
+        type(t.module) for t in bare.traces
+    ]
+    assert [t.g_out[0] is None for t in hooked.traces] == [
+        t.g_out[0] is None for t in bare.traces
+    ]
     probe.step(closure)
     record = probe.history[-1]
     loss, slope, dd, gg, quadratic = numbers
