@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from alphawrap.module_tree import unique_modules
+
 __all__ = ["eager_if_compiled", "is_compiled"]
 
 
@@ -39,7 +41,7 @@ def is_compiled(model: Any) -> bool:
         (True, False)
     """
     return isinstance(model, nn.Module) and any(
-        _compiled_itself(m) for m in model.modules()
+        _compiled_itself(m) for m in unique_modules(model)
     )
 
 

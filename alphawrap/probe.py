@@ -45,6 +45,7 @@ from alphawrap.closure import (
 from alphawrap.curvature import Curvature, EvaluationContext
 from alphawrap.curvature.blockdiag import translate_backpack_error
 from alphawrap.direction import (
+    POOL_MIN,
     POOL_TOTAL,
     BackwardMonitor,
     CopyPool,
@@ -1133,12 +1134,19 @@ class AlphaProbe(Optimizer):
     def _copy_pool(self) -> CopyPool | None:
         """The step copies' buffers, kept while every step is probed.
 
-        Between probes (``interval > 1``) they would only hold memory.
+        Between probes (``interval > 1``) they would only hold memory. Below
+        :data:`POOL_MIN` parameter elements in all, no copy of the step (θ₀, d,
+        the gradients, the packed ``d`` and ``g``, an optimizer state shaped
+        like the parameters) is large enough to keep, and the pool's per-tensor
+        checks would only cost time: plain clones.
         """
         if self.interval > 1:
             self._pool.clear()
             return None
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
+        if total < POOL_MIN:
+            self._pool.clear()
+            return None
         self._pool.small = total >= POOL_TOTAL
         return self._pool
 

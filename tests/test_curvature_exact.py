@@ -374,6 +374,67 @@ def test_parameters_outside_the_model_are_refused():
         probe.step(closure)
 
 
+class _Scaled(nn.Module):
+    """A chain whose output is scaled by a parameter the model does not own."""
+
+    def __init__(self, scale: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        self.__dict__["scale"] = scale  # not registered: not among parameters()
+
+    def forward(self, x):
+        out = self.body(x)
+        return out if self.scale is None else out * self.scale
+
+
+def _chain_probe(curvature: str, scale: nn.Parameter | None = None):
+    torch.manual_seed(0)
+    model = _Scaled(scale).double()
+    loss_fn = nn.CrossEntropyLoss()  # a loss module: the sweep's hooks record
+    extra = [] if scale is None else [scale]
+    probe = AlphaProbe(
+        torch.optim.SGD([*model.parameters(), *extra], lr=0.1),
+        curvature,
+        model=model,
+        loss_fn=loss_fn,
+    )
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+
+    def closure():
+        probe.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return probe, model, closure
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+def test_parameters_outside_the_model_are_refused_when_hooks_record(curvature):
+    """A scale the model uses but does not own breaks the recorded chain, so the
+    check walks the model and refuses."""
+    scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+    probe, _, closure = _chain_probe(curvature, scale)
+    before = [p.detach().clone() for p in probe._params()]
+    with pytest.raises(CurvatureError, match="not parameters of that model"):
+        probe.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(probe._params(), before))
+
+
+@pytest.mark.parametrize("curvature", EXACT)
+def test_a_served_chain_skips_the_walk_of_the_model(curvature, monkeypatch):
+    """The chain check already placed every reached parameter in one of model='s
+    modules; the batch check does not walk the model again (every probed step)."""
+    probe, model, closure = _chain_probe(curvature)
+
+    def walked(*args, **kwargs):
+        raise AssertionError("model.parameters() walked on a served step")
+
+    monkeypatch.setattr(model, "parameters", walked)
+    probe.step(closure)
+    assert probe.history[-1].statuses[curvature] == "ok"
+
+
 def test_recorded_batch_from_call_matches_probe():
     problem = FREE_PROBLEMS[0]
     model, loss_fn, x, y = problem.build()

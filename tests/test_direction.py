@@ -692,6 +692,9 @@ def test_grad_backup_keeps_a_gradient_graph():
 
 def test_probe_keeps_medium_tensors_of_large_models_only(monkeypatch):
     probe, _, _ = _probe_and_closure(interval=1)
+    # Fewer than POOL_MIN parameter elements: no copy could be kept, plain clones.
+    assert probe._copy_pool() is None
+    monkeypatch.setattr("alphawrap.probe.POOL_MIN", 1)
     assert not probe._copy_pool().small
     monkeypatch.setattr("alphawrap.probe.POOL_TOTAL", 1)
     assert probe._copy_pool().small

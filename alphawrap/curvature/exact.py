@@ -312,6 +312,11 @@ class ExactCurvature(Curvature):
                 f"Curvature {self.name!r} needs the batch of the closure; create the "
                 "probe with model= and loss_fn= (see alphawrap.batch)."
             )
+        if self._sweep_serves(ctx) and self.sweep.hooks is not None:
+            # The chain check found every reached parameter in a recorded module,
+            # and the hooks record only model='s own leaf modules (and the loss):
+            # no parameter outside model= is reached. Skips a walk of the model.
+            return
         outside = ctx.reached_except(ctx.batch.model.parameters())
         if outside:
             raise CurvatureError(
@@ -322,13 +327,17 @@ class ExactCurvature(Curvature):
                 "parameters as model=."
             )
 
-    def quadratic(self, ctx: EvaluationContext) -> Tensor:
-        """Return ``dᵀCd`` (see :class:`~alphawrap.curvature.base.Curvature`)."""
-        if (
+    def _sweep_serves(self, ctx: EvaluationContext) -> bool:
+        """Whether the tangent sweep serves this step (checks the chain once)."""
+        return (
             self.method == "auto"
             and self.sweep is not None
             and self.sweep.supports_exact(ctx)
-        ):
+        )
+
+    def quadratic(self, ctx: EvaluationContext) -> Tensor:
+        """Return ``dᵀCd`` (see :class:`~alphawrap.curvature.base.Curvature`)."""
+        if self._sweep_serves(ctx):
             return self.sweep.quadratics(ctx)[self.name]
         run = _pass(ctx)
         try:

@@ -68,6 +68,7 @@ from alphawrap.curvature.rules import (
     rule_for,
 )
 from alphawrap.errors import CurvatureError
+from alphawrap.module_tree import leaf_modules
 
 BLOCK_KINDS: tuple[str, ...] = ("hessian", "ggn", "pch-clip", "pch-abs")
 EXACT_KINDS: tuple[str, ...] = ("ggn-exact", "hessian-exact")
@@ -175,8 +176,8 @@ class HookRecorder:
         self.__exit__()  # entered again without exit: never leave hooks behind
         self.entries.clear()
         self._input_versions.clear()
-        leaves = [m for m in self.model.modules() if next(m.children(), None) is None]
-        self._watched = {id(m) for m in [*leaves, self.loss_fn]}
+        self._watched = {id(m) for m in leaf_modules(self.model)}
+        self._watched.add(id(self.loss_fn))
         # Two global hooks (filtered by module) cost less to install per step than
         # two hooks on every leaf module.
         self._handles = [
