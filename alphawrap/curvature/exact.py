@@ -312,7 +312,11 @@ class ExactCurvature(Curvature):
                 f"Curvature {self.name!r} needs the batch of the closure; create the "
                 "probe with model= and loss_fn= (see alphawrap.batch)."
             )
-        if self._sweep_serves(ctx) and self.sweep.hooks is not None:
+        if (
+            self.sweep is not None
+            and self.sweep.hooks is not None
+            and self._sweep_serves(ctx)
+        ):
             # The chain check found every reached parameter in a recorded module,
             # and the hooks record only model='s own leaf modules (and the loss):
             # no parameter outside model= is reached. Skips a walk of the model.
