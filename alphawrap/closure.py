@@ -125,6 +125,20 @@ def note(error: BaseException, what: str, *, undone: bool = True) -> None:
     error.add_note(f"{_NOTE_PREFIX}{what}; {tail}")
 
 
+def _checked(check: Any, ctx: Any, what: str) -> None:
+    """Run a backend's check of the backward pass, naming it on an unexpected error.
+
+    A :class:`ProbeError` explains itself; anything else is not the closure's
+    fault, so the note says which check raised.
+    """
+    try:
+        check(ctx)
+    except BaseException as error:
+        if not isinstance(error, ProbeError):
+            note(error, f"checking {what} after the backward pass raised")
+        raise
+
+
 class Capture:
     """Context manager returned by :meth:`AlphaProbe.capture`.
 
@@ -217,7 +231,7 @@ class ClosureSession:
         if translated is not None:
             translated.__cause__ = error
             return translated
-        if not isinstance(error, ProbeError):
+        if not isinstance(error, ProbeError) and not noted(error):
             when = "after" if self.monitor.reached else "before"
             note(error, f"{self.label} raised {when} backward()")
         return error
@@ -253,9 +267,9 @@ class ClosureSession:
                     self.params, [], self.monitor.reached, batch=batch
                 )
                 for c in self.probe._curvatures:
-                    c.check_backward(ctx)
+                    _checked(c.check_backward, ctx, f"curvature {c.name!r}")
                 if self.probe._noise is not None:
-                    self.probe._noise.check_backward(ctx)
+                    _checked(self.probe._noise.check_backward, ctx, "the noise")
         except BaseException as error:
             if self.probing and self.monitor.reached:
                 # Backward ran (and DDP's gradient all_reduce with it): the other

@@ -141,7 +141,9 @@ class CopyPool:
     parameters: ``benchmarks/copy_pool.py``). So the pool keeps one
     buffer per slot for tensors of :data:`POOL_MIN` elements and up, and from
     :data:`POOL_SMALL` up once the parameters hold :data:`POOL_TOTAL` elements in
-    all (:attr:`small`, set by the probe); it copies into the buffer while shape,
+    all (:attr:`small`, set by the probe; below :data:`POOL_MIN` elements in all
+    the probe uses no pool, so an optimizer state tensor larger than all the
+    parameters together is cloned there); it copies into the buffer while shape,
     dtype and device stay the same. A buffer handed to the optimizer or the
     parameters (a rollback) must not be reused: :meth:`clear` drops them all. On
     CUDA the caching allocator already hands freed memory back without faults, so

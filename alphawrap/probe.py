@@ -1138,7 +1138,8 @@ class AlphaProbe(Optimizer):
         :data:`POOL_MIN` parameter elements in all, no copy of the step (θ₀, d,
         the gradients, the packed ``d`` and ``g``, an optimizer state shaped
         like the parameters) is large enough to keep, and the pool's per-tensor
-        checks would only cost time: plain clones.
+        checks would only cost time: plain clones (also for a state tensor
+        larger than the parameters, which only costs speed).
         """
         if self.interval > 1:
             self._pool.clear()

@@ -4,7 +4,9 @@ A probed step copies θ₀, the optimizer state, the gradients and the packed
 ``d``/``g``, and forms ``d``. The probe copies them into buffers kept from the
 step before (:class:`alphawrap.direction.CopyPool`) for tensors of at least
 ``POOL_MIN`` elements, and from ``POOL_SMALL`` up once the parameters hold
-``POOL_TOTAL`` elements in all. This script times, in shuffled rounds on the same
+``POOL_TOTAL`` elements in all; below ``POOL_MIN`` parameter elements in all it
+uses no pool (the two smallest models here: both columns are then clones, and
+their difference is the noise). This script times, in shuffled rounds on the same
 batch, a plain Adam step, the probe, and the probe with fresh clones every step
 (its pool switched off), and reports the median over rounds of each probe step's
 time over the plain step's, for MLPs from the issue's ReLU MLP up to 1.1 M

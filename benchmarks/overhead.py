@@ -19,6 +19,11 @@ the plain step's is taken per round; the medians are reported, in plain steps:
   skipping it;
 * ``backup``: the gradient backup that restores the gradients when a step
   fails, removed by keeping references instead of copies;
+* ``wrapper``: torch's ``Optimizer`` step wrapper around the probe's own step
+  (the global and per-instance step hooks, the profiler region), removed by
+  calling the wrapped function (the inner optimizer's step keeps its own);
+* ``history``: appending the step's record to the history, removed by dropping
+  the record (it is still built: the step's numbers come from it);
 * ``rest``: what is left with arithmetic, recording, batch and snapshot
   removed: the closure session (the backup, the backward monitor, the context
   stack), the checks, the step products, the decision and the record, the
@@ -26,14 +31,14 @@ the plain step's is taken per round; the medians are reported, in plain steps:
 
 ``part = full − (full without the part)``; ``rest = (all removed) − 1``. The
 parts add up to about the full cost (they overlap: removing the arithmetic also
-removes the chain check it triggers, and ``checks`` and ``backup`` are inside
-``rest``). ``unguarded`` is a probe without batch, checks and backup: what a
-probe step would cost that neither validates its input nor keeps a step
-all-or-nothing (the cost of those guarantees is ``full − unguarded``). The
+removes the chain check it triggers, and ``checks``, ``backup``, ``wrapper`` and
+``history`` are inside ``rest``). ``unguarded`` is a probe without batch, checks
+and backup: what a probe step would cost that neither validates its input nor
+keeps a step all-or-nothing (the cost of those guarantees is ``full − unguarded``). The
 probes with parts removed record wrong numbers or corrupt state on a failure;
 they exist only to be timed. ::
 
-    python benchmarks/overhead.py --pairs 101
+    python benchmarks/overhead.py --pairs 201
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ VARIANTS = {  # the parts each variant removes
     "no backup": ("backup",),
     "all removed": ("arithmetic", "recording", "batch", "snapshot"),
     "unguarded": ("batch", "checks", "backup"),
+    "no wrapper": ("wrapper",),
+    "no history": ("history",),
 }
 
 _REAL_TRANSACTION = probe_module.StepTransaction
@@ -160,6 +167,8 @@ def _remove(probe: AlphaProbe, parts: tuple[str, ...]) -> None:
                 engine._validated_chain = lambda ctx, e=engine: _unchecked_chain(e)
     if "backup" in parts:
         _UNSAVED.add(id(probe._params()[0]))
+    if "history" in parts:
+        probe.history.append = lambda record: None  # type: ignore[method-assign]
 
 
 def _stepper(problem: BenchProblem, curvature: str | None, parts=()):
@@ -176,6 +185,9 @@ def _stepper(problem: BenchProblem, curvature: str | None, parts=()):
         loss.backward()
         return loss
 
+    if "wrapper" in parts:  # AlphaProbe.step without torch's Optimizer wrapper
+        unwrapped = type(opt).step.__wrapped__
+        return lambda: unwrapped(opt, closure)
     return lambda: opt.step(closure)
 
 
@@ -197,6 +209,8 @@ def parts_of(ratios: dict[str, float]) -> dict[str, float]:
         "checks": full - ratios["no checks"],
         "backup": full - ratios["no backup"],
         "rest": ratios["all removed"] - 1.0,
+        "wrapper": full - ratios["no wrapper"],
+        "history": full - ratios["no history"],
         "unguarded": ratios["unguarded"],
     }
 
@@ -219,8 +233,8 @@ def main(argv=None) -> None:
             print(rows[-1], flush=True)
     print(
         "\n| model | curvature | probe step | arithmetic | recording | batch "
-        "| snapshot | rest | (checks | backup) | unguarded |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "| snapshot | rest | (checks | backup | wrapper | history) | unguarded |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
@@ -235,6 +249,8 @@ def main(argv=None) -> None:
                     "rest",
                     "checks",
                     "backup",
+                    "wrapper",
+                    "history",
                     "unguarded",
                 )
             )

@@ -5,6 +5,10 @@ import torch
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
+# Helpers, not tests: --doctest-modules would import them a second time under a
+# top-level name (they hold no examples).
+collect_ignore = ["_resume_worker.py", "_state.py", "cases.py", "curvature_helpers.py"]
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():

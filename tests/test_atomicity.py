@@ -106,9 +106,23 @@ def copies(request, monkeypatch):
     probe's :class:`~alphawrap.direction.CopyPool`, whose buffers a rollback
     hands to the optimizer and the parameters.
     """
-    if request.param == "kept buffers":
-        monkeypatch.setattr("alphawrap.direction.POOL_MIN", 1)
-    return request.param
+    if request.param == "clones":
+        yield request.param
+        return
+    monkeypatch.setattr("alphawrap.direction.POOL_MIN", 1)
+    monkeypatch.setattr("alphawrap.probe.POOL_MIN", 1)  # small models get a pool
+    real = AlphaProbe._copy_pool
+    pools: list[Any] = []
+
+    def counted(self: AlphaProbe) -> Any:
+        pool = real(self)
+        if self.interval == 1:  # with interval > 1 the probe keeps no buffers
+            pools.append(pool)
+        return pool
+
+    monkeypatch.setattr(AlphaProbe, "_copy_pool", counted)
+    yield request.param
+    assert all(pool is not None for pool in pools)  # the copies went to the pool
 
 
 def _raiser(error: BaseException):
@@ -140,6 +154,14 @@ def _curvature(name):
     return inject
 
 
+def _check(name: str):
+    def inject(run, error, patch):
+        patch.setattr(REGISTRY[name], "check_backward", _raiser(error))
+        return run.closure()
+
+    return inject
+
+
 def _record(run, error, patch):
     patch.setattr(History, "append", _raiser(error))
     return run.closure()
@@ -151,6 +173,10 @@ STAGES = {
     "inner-step": (_inner, "inner optimizer FlakySGD raised during its step"),
     "curvature-hessian": (_curvature("hessian"), "computing curvature 'hessian'"),
     "curvature-ggn": (_curvature("ggn"), "computing curvature 'ggn'"),
+    "check-hessian": (
+        _check("hessian"),
+        "checking curvature 'hessian' after the backward pass raised",
+    ),
     "record": (_record, "recording the step"),
 }
 ERRORS = {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import copy_pool
@@ -86,6 +87,21 @@ def test_overhead_variants_all_step(monkeypatch) -> None:
     ratios = overhead.measure(PROBLEMS[0], "hessian-exact", pairs=1)
     assert set(ratios) == set(overhead.VARIANTS)
     assert all(0 < r < 100 for r in ratios.values())
+
+
+def test_overhead_without_wrapper_skips_only_the_probes_step_hooks() -> None:
+    """``no wrapper`` calls the probe's step function itself: torch's step hooks
+    fire for the inner optimizer only."""
+    seen: list[str] = []
+    handle = register_optimizer_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(type(opt).__name__)
+    )
+    try:
+        overhead._stepper(PROBLEMS[0], "hessian-exact", ("wrapper",))()
+        overhead._stepper(PROBLEMS[0], "hessian-exact")()
+    finally:
+        handle.remove()
+    assert seen == ["Adam", "AlphaProbe", "Adam"]
 
 
 def test_copy_pool_benchmark_compares_kept_buffers_with_clones() -> None:

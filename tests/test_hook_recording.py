@@ -267,6 +267,91 @@ def test_module_used_twice_is_refused():
         _step(probe, model, loss_fn, torch.randn(4, 3), torch.randn(4, 3))
 
 
+class _WithCriterion(nn.Module):
+    """A model that owns a loss module of the loss's type (never in forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.crit = nn.MSELoss()
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _criterion_of_the_loss(curvature, outside: bool):
+    """The closure applies the model's own criterion to loss_fn's value; with
+    ``outside``, loss_fn holds a parameter that is not one of model='s."""
+    torch.manual_seed(0)
+    model, loss_fn = _WithCriterion().double(), nn.MSELoss()
+    extra = []
+    if outside:
+        loss_fn.weight = nn.Parameter(torch.ones(4, dtype=torch.float64))
+        extra = [loss_fn.weight]
+    probe = AlphaProbe(
+        torch.optim.SGD([*model.parameters(), *extra], lr=0.1),
+        curvature,
+        model=model,
+        loss_fn=loss_fn,
+    )
+    x, y = (
+        torch.randn(5, 3, dtype=torch.float64),
+        torch.randn(5, 4, dtype=torch.float64),
+    )
+    zero = torch.zeros((), dtype=torch.float64)
+
+    def closure():
+        probe.zero_grad()
+        loss = model.crit(loss_fn(model(x), y), zero)
+        if outside:
+            loss = loss + (loss_fn.weight**2).sum()
+        loss.backward()
+        return loss
+
+    return probe, closure
+
+
+def test_a_second_loss_module_in_the_closure_is_refused_by_blocks():
+    """The criterion would sit among the swept layers (it has no Jacobian rule)."""
+    probe, closure = _criterion_of_the_loss("hessian", outside=False)
+    before = [p.detach().clone() for p in probe._params()]
+    with pytest.raises(CurvatureError, match=r"second loss module \(MSELoss\)"):
+        probe.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, probe._params()))
+
+
+def test_a_criterion_of_the_model_in_place_of_loss_fn_is_refused_by_blocks():
+    torch.manual_seed(0)
+    model, loss_fn = _WithCriterion().double(), nn.MSELoss()
+    probe = AlphaProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
+    )
+    x, y = (
+        torch.randn(5, 3, dtype=torch.float64),
+        torch.randn(5, 4, dtype=torch.float64),
+    )
+
+    def closure():
+        probe.zero_grad()
+        loss = model.crit(model(x), y)  # not loss_fn
+        loss.backward()
+        return loss
+
+    with pytest.raises(CurvatureError, match=r"MSELoss of model=, not loss_fn="):
+        probe.step(closure)
+    assert len(probe.history) == 0
+
+
+@pytest.mark.parametrize("curvature", ["ggn-exact", "hessian-exact"])
+def test_a_parameter_of_a_loss_inside_the_chain_is_outside_the_model(curvature):
+    """With loss_fn among the recorded layers its parameters would pass for
+    model='s; the chain refuses, and the exact curvatures' check walks model=."""
+    probe, closure = _criterion_of_the_loss(curvature, outside=True)
+    with pytest.warns(UserWarning, match="not the value loss_fn returned"):
+        with pytest.raises(CurvatureError, match="not parameters of that model"):
+            probe.step(closure)
+
+
 def test_loss_subclass_falls_back_to_the_replay():
     """A subclass of a loss module may compute something else: the sweep does not
     claim it (exact class match, like BackPACK); the exact curvature replays."""

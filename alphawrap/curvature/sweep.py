@@ -468,6 +468,25 @@ class TangentSweep:
                 "as the last operation of the closure, or pass model= and such a "
                 "loss module as loss_fn= to AlphaProbe."
             )
+        # One loss, called last: a loss module among the layers (a criterion
+        # inside the model applied to the loss) has no Jacobian rule, and its
+        # parameters would pass for the model's.
+        inner = next((t for t in trace[1:] if _is_loss(t)), None)
+        if inner is not None:
+            raise CurvatureError(
+                f"Curvatures {names}: a second loss module "
+                f"({type(inner.module).__name__}) ran in the closure (a criterion "
+                "inside the model, or a loss applied to the loss); the tangent sweep "
+                "needs the model's output to go into one loss module, called last. "
+                "The exact curvatures 'ggn-exact' and 'hessian-exact' replay "
+                "loss_fn(model(...)) alone."
+            )
+        if self.hooks is not None and trace[0].module is not self.hooks.loss_fn:
+            raise CurvatureError(
+                f"Curvatures {names}: the loss the closure called last is a "
+                f"{type(trace[0].module).__name__} of model=, not loss_fn=; call "
+                "the loss module passed as loss_fn= in the closure."
+            )
         unknown = [t for t in trace[1:] if t.derivatives is None]
         if unknown:
             module = type(unknown[0].module).__name__
