@@ -34,8 +34,8 @@ the real probe (``AlphaProbe(..., curvature="hessian-exact", model=, loss_fn=)``
 * ``bare step, unguarded``: the same without the gradient backup and the
   optimizer-state copy (a step that could not be undone);
 * ``bare step, hooked``: the guarded bare step recorded the way a wrapper
-  must, since the user's closure calls the model: two global module hooks for
-  the closure keep the inputs and outputs and hook the output gradients (the
+  must, since the user's closure calls the model: a global forward hook for
+  the closure keeps the inputs and outputs and hooks the output gradients (the
   bare step loops over the modules itself and calls ``retain_grad``).
 
 What separates ``probe`` from ``bare step, hooked`` is the probe's
@@ -82,9 +82,9 @@ class Bare:
         problem: The benchmark problem.
         batch: The batch size.
         hooked: Record the way a wrapper must, without owning the forward: the
-            closure calls ``model(x)`` and two global module hooks (installed
-            for the closure, as the probe does) keep each module's input and
-            output and hook the output gradients the sweep reads. Otherwise the
+            closure calls ``model(x)`` and a global forward hook (installed
+            for the closure, as the probe does) keeps each module's input and
+            output and hooks the output gradients the sweep reads. Otherwise the
             forward loops over the modules and calls ``retain_grad``.
     """
 
