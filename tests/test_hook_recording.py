@@ -320,26 +320,26 @@ def test_a_second_loss_module_in_the_closure_is_refused_by_blocks():
     assert all(torch.equal(a, b) for a, b in zip(before, probe._params()))
 
 
-def test_a_criterion_of_the_model_in_place_of_loss_fn_is_refused_by_blocks():
+def test_a_criterion_of_the_model_as_the_only_loss_is_swept():
+    """The last loss may be a loss module of model= (not loss_fn=): the blocks
+    sweep the loss the closure computed."""
     torch.manual_seed(0)
     model, loss_fn = _WithCriterion().double(), nn.MSELoss()
     probe = AlphaProbe(
         torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=loss_fn
     )
-    x, y = (
-        torch.randn(5, 3, dtype=torch.float64),
-        torch.randn(5, 4, dtype=torch.float64),
+    x = torch.randn(5, 3, dtype=torch.float64)
+    y = torch.randn(5, 4, dtype=torch.float64)
+    directions, _ = _step(probe, model, model.crit, x, y)
+    blocks = [  # one parameter block at a time: the block-diagonal Hessian
+        {n: d if n == name else torch.zeros_like(d) for n, d in directions.items()}
+        for name in directions
+    ]
+    expected = sum(
+        full_hessian_quadratic(model, model.crit, x, y, block).item()
+        for block in blocks
     )
-
-    def closure():
-        probe.zero_grad()
-        loss = model.crit(model(x), y)  # not loss_fn
-        loss.backward()
-        return loss
-
-    with pytest.raises(CurvatureError, match=r"MSELoss of model=, not loss_fn="):
-        probe.step(closure)
-    assert len(probe.history) == 0
+    assert probe.history[-1].curvatures["hessian"] == pytest.approx(expected, rel=1e-9)
 
 
 @pytest.mark.parametrize("curvature", ["ggn-exact", "hessian-exact"])

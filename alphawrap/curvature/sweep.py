@@ -481,12 +481,6 @@ class TangentSweep:
                 "The exact curvatures 'ggn-exact' and 'hessian-exact' replay "
                 "loss_fn(model(...)) alone."
             )
-        if self.hooks is not None and trace[0].module is not self.hooks.loss_fn:
-            raise CurvatureError(
-                f"Curvatures {names}: the loss the closure called last is a "
-                f"{type(trace[0].module).__name__} of model=, not loss_fn=; call "
-                "the loss module passed as loss_fn= in the closure."
-            )
         unknown = [t for t in trace[1:] if t.derivatives is None]
         if unknown:
             module = type(unknown[0].module).__name__
