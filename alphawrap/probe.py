@@ -1145,8 +1145,7 @@ class AlphaProbe(Optimizer):
             self._pool.clear()
             return None
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
-        if total < POOL_MIN:
-            self._pool.clear()
+        if total < POOL_MIN:  # (the step's end releases any unused buffer)
             return None
         self._pool.small = total >= POOL_TOTAL
         return self._pool

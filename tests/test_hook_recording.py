@@ -7,6 +7,7 @@ from torch import nn
 from alphawrap import AlphaProbe, CurvatureError
 from alphawrap.curvature import exact
 from alphawrap.reference import (
+    block_hessian_quadratics,
     full_ggn_quadratic,
     full_hessian_quadratic,
     recursive_block_quadratics,
@@ -331,14 +332,8 @@ def test_a_criterion_of_the_model_as_the_only_loss_is_swept():
     x = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randn(5, 4, dtype=torch.float64)
     directions, _ = _step(probe, model, model.crit, x, y)
-    blocks = [  # one parameter block at a time: the block-diagonal Hessian
-        {n: d if n == name else torch.zeros_like(d) for n, d in directions.items()}
-        for name in directions
-    ]
-    expected = sum(
-        full_hessian_quadratic(model, model.crit, x, y, block).item()
-        for block in blocks
-    )
+    blocks = block_hessian_quadratics(model, model.crit, x, y, directions)
+    expected = sum(q.item() for q in blocks.values())
     assert probe.history[-1].curvatures["hessian"] == pytest.approx(expected, rel=1e-9)
 
 
